@@ -1,0 +1,448 @@
+//! The embedded event store on sled 0.34.
+//!
+//! One committer thread owns every write: it drains whatever requests are queued, validates them
+//! against stream metadata, assigns sequence numbers and global positions, writes them with one
+//! atomic `apply_batch`, makes the batch durable once (group commit), publishes the new head and
+//! only then replies. Reads run on tokio's blocking pool, never on an executor or arbiter thread.
+
+mod committer;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::keys::{self, StreamMeta};
+use super::{
+    AppendRequest, AppendResult, CommandRecord, EventEnvelope, EventStore, KvWrite,
+    RecordedOutcome, SnapshotCriteria, SnapshotRecord, StoreError, StreamSlice,
+};
+use crate::domain::StreamId;
+use committer::{Committer, WriteOp};
+
+/// When an acknowledged write is on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "mode")]
+pub enum Durability {
+    /// An acknowledged write has been flushed and fsynced: it survives a crash of the process
+    /// and of the machine. Concurrent writes share one fsync (group commit).
+    Sync,
+    /// An acknowledged write is in sled's memory and reaches disk within `flush_interval_ms`:
+    /// a process or machine crash may lose the writes of that window (never part of one).
+    Buffered {
+        /// How often buffered writes are flushed and fsynced.
+        flush_interval_ms: u64,
+    },
+}
+
+impl Default for Durability {
+    fn default() -> Self {
+        Durability::Sync
+    }
+}
+
+/// How to open a [`SledStore`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SledStoreConfig {
+    /// The database directory (created if missing).
+    pub path: PathBuf,
+    /// When acknowledged writes are on disk.
+    pub durability: Durability,
+    /// The most events (and other write requests) grouped into one commit.
+    pub max_batch: usize,
+    /// sled's page cache size in bytes.
+    pub cache_capacity_bytes: u64,
+}
+
+impl SledStoreConfig {
+    /// The defaults for a database at `path`: `sync` durability, batches of up to 4,096 writes,
+    /// a 256 MiB cache.
+    pub fn new(path: impl AsRef<Path>) -> Self {
+        Self {
+            path: path.as_ref().to_path_buf(),
+            durability: Durability::Sync,
+            max_batch: 4096,
+            cache_capacity_bytes: 256 * 1024 * 1024,
+        }
+    }
+
+    /// Sets the durability.
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+}
+
+/// The largest encoded event (or other record) the store accepts. sled writes larger values to
+/// separate blob files that its flush does not fsync, so they could not be made durable.
+pub const MAX_RECORD_BYTES: usize = 64 * 1024;
+
+/// The embedded, durable event store. Cheap to clone; every clone shares one database.
+#[derive(Clone)]
+pub struct SledStore {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// `None` once closed: dropping the last tree handle releases sled's file lock, so a closed
+    /// store can be reopened in the same process.
+    tree: RwLock<Option<sled::Tree>>,
+    writes: mpsc::UnboundedSender<WriteOp>,
+    head: watch::Receiver<u64>,
+    committer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl SledStore {
+    /// Opens (or creates) the database described by `config`. Blocking: call it at start-up or
+    /// from a blocking context.
+    pub fn open(config: SledStoreConfig) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(&config.path)?;
+        let db = sled::Config::new()
+            .path(&config.path)
+            .cache_capacity(config.cache_capacity_bytes)
+            // We flush (and fsync) ourselves: in `sync` mode once per group commit, in `buffered`
+            // mode on our own timer, so sled's background flusher would only add contention.
+            .flush_every_ms(None)
+            .open()?;
+        let tree = db.open_tree("incarnate")?;
+        // sled 0.34's `flush()` ends in `sync_file_range`, which neither flushes the device's
+        // write cache nor the file's metadata (sled #1351, #1452): we fsync the data file
+        // ourselves. The directory is synced once so a freshly created file's entry is durable.
+        let data_file = File::open(config.path.join("db"))?;
+        File::open(&config.path)?.sync_all()?;
+
+        let head = match tree.get(keys::HEAD)? {
+            Some(bytes) => keys::trailing_u64(&bytes).ok_or_else(|| StoreError::Decode {
+                what: "global head",
+                stream: StreamId::new("", ""),
+                sequence: 0,
+                reason: format!("expected 8 bytes, found {}", bytes.len()),
+            })?,
+            None => 0,
+        };
+        let (head_tx, head_rx) = watch::channel(head);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let committer = Committer::new(db, tree.clone(), data_file, config.clone(), head, head_tx);
+        let handle = std::thread::Builder::new()
+            .name("incarnate-committer".into())
+            .spawn(move || committer.run(rx))?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                tree: RwLock::new(Some(tree)),
+                writes: tx,
+                head: head_rx,
+                committer: std::sync::Mutex::new(Some(handle)),
+            }),
+        })
+    }
+
+    fn tree(&self) -> Result<sled::Tree, StoreError> {
+        match self.shared.tree.read() {
+            Ok(guard) => guard.clone().ok_or(StoreError::Closed),
+            Err(_) => Err(StoreError::Storage("store lock poisoned".into())),
+        }
+    }
+
+    /// Sends a write to the committer and awaits its reply.
+    async fn write<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> WriteOp,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .writes
+            .send(make(tx))
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs a read on the blocking pool with a handle to the tree.
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&sled::Tree) -> Result<T, StoreError> + Send + 'static,
+    {
+        let tree = self.tree()?;
+        tokio::task::spawn_blocking(move || f(&tree))
+            .await
+            .map_err(|e| StoreError::Storage(format!("read task failed: {e}")))?
+    }
+}
+
+pub(crate) fn read_meta(
+    tree: &sled::Tree,
+    meta_key: &[u8],
+    stream: &StreamId,
+) -> Result<StreamMeta, StoreError> {
+    match tree.get(meta_key)? {
+        Some(bytes) => StreamMeta::decode(&bytes, stream),
+        None => Ok(StreamMeta::default()),
+    }
+}
+
+fn decode_position(bytes: &[u8], stream: &StreamId, sequence: u64) -> Result<u64, StoreError> {
+    keys::trailing_u64(bytes)
+        .filter(|_| bytes.len() == 8)
+        .ok_or_else(|| StoreError::Decode {
+            what: "stream index entry",
+            stream: stream.clone(),
+            sequence,
+            reason: format!("expected 8 bytes, found {}", bytes.len()),
+        })
+}
+
+fn log_stream() -> StreamId {
+    StreamId::new("$log", "")
+}
+
+#[async_trait]
+impl EventStore for SledStore {
+    async fn append(&self, request: AppendRequest) -> Result<AppendResult, StoreError> {
+        self.write(|reply| WriteOp::Append { request, reply }).await
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &StreamId,
+        from: u64,
+        to: u64,
+        max: usize,
+    ) -> Result<StreamSlice, StoreError> {
+        let stream = stream.clone();
+        let head = self.head();
+        self.read(move |tree| {
+            let base = keys::stream_key(keys::STREAM, &stream)?;
+            let meta = read_meta(tree, &keys::stream_key(keys::META, &stream)?, &stream)?;
+            let from = from.max(meta.deleted_to.saturating_add(1)).max(1);
+            let mut events = Vec::new();
+            if from <= to && max > 0 {
+                let range = keys::with_u64(&base, from)..=keys::with_u64(&base, to);
+                for item in tree.range(range) {
+                    let (key, value) = item?;
+                    let sequence = keys::trailing_u64(&key).unwrap_or(0);
+                    let position = decode_position(&value, &stream, sequence)?;
+                    if position > head {
+                        // Written by a commit that is not acknowledged yet.
+                        break;
+                    }
+                    let Some(bytes) = tree.get(keys::log_key(position))? else {
+                        return Err(StoreError::Decode {
+                            what: "event envelope",
+                            stream: stream.clone(),
+                            sequence,
+                            reason: format!("index points at missing log position {position}"),
+                        });
+                    };
+                    events.push(EventEnvelope::decode(&bytes, &stream, sequence)?);
+                    if events.len() >= max {
+                        break;
+                    }
+                }
+            }
+            Ok(StreamSlice {
+                events,
+                highest_sequence: meta.highest,
+            })
+        })
+        .await
+    }
+
+    async fn highest_sequence(&self, stream: &StreamId) -> Result<u64, StoreError> {
+        let stream = stream.clone();
+        self.read(move |tree| {
+            Ok(read_meta(tree, &keys::stream_key(keys::META, &stream)?, &stream)?.highest)
+        })
+        .await
+    }
+
+    async fn read_log(&self, from: u64, max: usize) -> Result<Vec<EventEnvelope>, StoreError> {
+        let head = self.head();
+        if max == 0 || from > head {
+            return Ok(Vec::new());
+        }
+        self.read(move |tree| {
+            let mut out = Vec::with_capacity(max.min(4096));
+            for item in tree.range(keys::log_key(from.max(1))..=keys::log_key(head)) {
+                let (key, value) = item?;
+                let position = keys::trailing_u64(&key).unwrap_or(0);
+                out.push(EventEnvelope::decode(&value, &log_stream(), position)?);
+                if out.len() >= max {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    fn head(&self) -> u64 {
+        *self.shared.head.borrow()
+    }
+
+    fn watch_head(&self) -> watch::Receiver<u64> {
+        self.shared.head.clone()
+    }
+
+    async fn delete_to(&self, stream: &StreamId, to_sequence: u64) -> Result<(), StoreError> {
+        let stream = stream.clone();
+        self.write(|reply| WriteOp::DeleteTo {
+            stream,
+            to_sequence,
+            reply,
+        })
+        .await
+    }
+
+    async fn save_snapshot(&self, snapshot: SnapshotRecord) -> Result<(), StoreError> {
+        self.write(|reply| WriteOp::SaveSnapshot { snapshot, reply })
+            .await
+    }
+
+    async fn latest_snapshot(
+        &self,
+        stream: &StreamId,
+        criteria: SnapshotCriteria,
+    ) -> Result<Option<SnapshotRecord>, StoreError> {
+        let stream = stream.clone();
+        self.read(move |tree| {
+            let base = keys::stream_key(keys::SNAPSHOT, &stream)?;
+            let upper = keys::with_u64(&base, criteria.max_sequence);
+            for item in tree.range(base.clone()..=upper).rev() {
+                let (key, value) = item?;
+                let sequence = keys::trailing_u64(&key).unwrap_or(0);
+                let record = SnapshotRecord::decode(&value, &stream, sequence)?;
+                if criteria.matches(record.sequence, record.timestamp_micros) {
+                    return Ok(Some(record));
+                }
+            }
+            Ok(None)
+        })
+        .await
+    }
+
+    async fn delete_snapshots(
+        &self,
+        stream: &StreamId,
+        criteria: SnapshotCriteria,
+    ) -> Result<u64, StoreError> {
+        let stream = stream.clone();
+        self.write(|reply| WriteOp::DeleteSnapshots {
+            stream,
+            criteria,
+            reply,
+        })
+        .await
+    }
+
+    async fn command_records(&self, stream: &StreamId) -> Result<Vec<CommandRecord>, StoreError> {
+        let stream = stream.clone();
+        self.read(move |tree| {
+            let base = keys::stream_key(keys::COMMAND, &stream)?;
+            let mut out = Vec::new();
+            for item in tree.scan_prefix(&base) {
+                let (key, value) = item?;
+                let rest = key.get(base.len()..).unwrap_or_default();
+                let version = rest
+                    .get(..8)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_be_bytes);
+                let id = rest.get(8..24).and_then(|b| uuid::Uuid::from_slice(b).ok());
+                let outcome: Result<RecordedOutcome, _> = rmp_serde::from_slice(&value);
+                match (version, id, outcome) {
+                    (Some(version), Some(command_id), Ok(outcome)) => out.push(CommandRecord {
+                        command_id,
+                        version,
+                        outcome,
+                    }),
+                    (version, _, outcome) => {
+                        return Err(StoreError::Decode {
+                            what: "command record",
+                            stream: stream.clone(),
+                            sequence: version.unwrap_or(0),
+                            reason: outcome
+                                .err()
+                                .map_or_else(|| "malformed key".to_owned(), |e| e.to_string()),
+                        })
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn kv_get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut full = keys::kv_prefix(table)?;
+        full.extend_from_slice(key);
+        self.read(move |tree| Ok(tree.get(full)?.map(|v| v.to_vec())))
+            .await
+    }
+
+    async fn kv_scan(
+        &self,
+        table: &str,
+        from: &[u8],
+        max: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let prefix = keys::kv_prefix(table)?;
+        let mut start = prefix.clone();
+        start.extend_from_slice(from);
+        self.read(move |tree| {
+            let mut out = Vec::new();
+            for item in tree.range(start..) {
+                if out.len() >= max {
+                    break;
+                }
+                let (key, value) = item?;
+                match key.strip_prefix(prefix.as_slice()) {
+                    Some(k) => out.push((k.to_vec(), value.to_vec())),
+                    None => break,
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn kv_commit(&self, writes: Vec<KvWrite>) -> Result<(), StoreError> {
+        self.write(|reply| WriteOp::Kv { writes, reply }).await
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.write(|reply| WriteOp::Flush { reply }).await
+    }
+
+    async fn close(&self) -> Result<(), StoreError> {
+        let flushed = self.write(|reply| WriteOp::Shutdown { reply }).await;
+        let handle = self
+            .shared
+            .committer
+            .lock()
+            .ok()
+            .and_then(|mut guard| guard.take());
+        if let Some(handle) = handle {
+            tokio::task::spawn_blocking(move || handle.join())
+                .await
+                .map_err(|e| StoreError::Storage(format!("close task failed: {e}")))?
+                .map_err(|_| StoreError::Storage("committer thread panicked".into()))?;
+        }
+        if let Ok(mut guard) = self.shared.tree.write() {
+            guard.take();
+        }
+        match flushed {
+            Err(StoreError::Closed) => Ok(()),
+            other => other,
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Ask the committer to flush and stop; it owns its own handles, so nothing blocks here.
+        let (reply, _) = oneshot::channel();
+        let _ = self.writes.send(WriteOp::Shutdown { reply });
+    }
+}
