@@ -24,10 +24,16 @@
 //! ```
 
 mod domain;
+mod runtime;
 mod store;
 pub mod testing;
 
 pub use domain::{Aggregate, AggregateId, DomainEvent, StreamId};
+pub use runtime::{
+    AggregateOverrides, AggregateSettings, AggregateStats, AggregateTables, Backend, BuildError,
+    CommandError, CommandOptions, Committed, CommittedEvent, Config, ConfigError, DurabilityMode,
+    Runtime, RuntimeBuilder, RuntimeError, RuntimeSettings, StoreSettings,
+};
 pub use store::{
     AppendRequest, AppendResult, Causation, CommandRecord, Durability, EventEnvelope, EventStore,
     KvWrite, MemoryStore, Metadata, NewEvent, RecordedOutcome, SledStore, SledStoreConfig,

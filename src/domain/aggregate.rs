@@ -82,7 +82,7 @@ pub trait DomainEvent:
 /// for e in c.handle(&3).unwrap() { c.apply(&e); }
 /// assert_eq!(c.value, 3);
 /// ```
-pub trait Aggregate: Default + Serialize + DeserializeOwned + Send + 'static {
+pub trait Aggregate: Default + Serialize + DeserializeOwned + Send + Unpin + 'static {
     /// The stable type tag, stored in every event's envelope and stream key.
     const TYPE: &'static str;
 
@@ -90,7 +90,7 @@ pub trait Aggregate: Default + Serialize + DeserializeOwned + Send + 'static {
     const SNAPSHOT_VERSION: u16 = 1;
 
     /// The commands this aggregate accepts.
-    type Command: Debug + Send + 'static;
+    type Command: Debug + Send + Unpin + 'static;
 
     /// The events it emits and replays.
     type Event: DomainEvent;

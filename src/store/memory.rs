@@ -8,8 +8,9 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::{
-    now_micros, AppendRequest, AppendResult, CommandRecord, EventEnvelope, EventStore, KvWrite,
-    RecordedOutcome, SnapshotCriteria, SnapshotRecord, StoreError, StreamSlice,
+    keys, now_micros, AppendRequest, AppendResult, CommandRecord, EventEnvelope, EventStore,
+    KvWrite, RecordedOutcome, SnapshotCriteria, SnapshotRecord, StoreError, StreamSlice,
+    MAX_RECORD_BYTES,
 };
 use crate::domain::StreamId;
 
@@ -78,6 +79,7 @@ impl MemoryStore {
 #[async_trait]
 impl EventStore for MemoryStore {
     async fn append(&self, request: AppendRequest) -> Result<AppendResult, StoreError> {
+        check_stream(&request.stream)?;
         let mut state = self.state()?;
         let head = state.head;
         let current = state.streams.get(&request.stream).map_or(0, |s| s.highest);
@@ -99,8 +101,8 @@ impl EventStore for MemoryStore {
                 head + offset,
                 timestamp,
             );
-            // Round-trip through the codec so this store rejects what the durable one rejects.
-            envelope.encode()?;
+            // Encode so this store rejects what the durable one rejects.
+            check_size(envelope.encode()?.len(), "event")?;
             envelopes.push(envelope);
         }
         let count = envelopes.len() as u64;
@@ -199,7 +201,8 @@ impl EventStore for MemoryStore {
     }
 
     async fn save_snapshot(&self, snapshot: SnapshotRecord) -> Result<(), StoreError> {
-        snapshot.encode()?;
+        check_stream(&snapshot.stream)?;
+        check_size(snapshot.encode()?.len(), "snapshot")?;
         let mut state = self.state()?;
         state
             .streams
@@ -276,6 +279,18 @@ impl EventStore for MemoryStore {
     }
 
     async fn kv_commit(&self, writes: Vec<KvWrite>) -> Result<(), StoreError> {
+        // Validate the whole batch first: a bad write must not leave the others applied.
+        for write in &writes {
+            match write {
+                KvWrite::Put { table, value, .. } => {
+                    keys::kv_prefix(table)?;
+                    check_size(value.len(), "key-value entry")?;
+                }
+                KvWrite::Delete { table, .. } | KvWrite::Clear { table } => {
+                    keys::kv_prefix(table)?;
+                }
+            }
+        }
         let mut state = self.state()?;
         for write in writes {
             match write {
@@ -304,4 +319,20 @@ impl EventStore for MemoryStore {
         state.closed = true;
         Ok(())
     }
+}
+
+/// Rejects the stream names the embedded store cannot key, so code tested here fails the same way
+/// on disk.
+fn check_stream(stream: &StreamId) -> Result<(), StoreError> {
+    keys::stream_key(keys::META, stream).map(drop)
+}
+
+/// Rejects the records the embedded store rejects as too large.
+fn check_size(len: usize, what: &str) -> Result<(), StoreError> {
+    if len > MAX_RECORD_BYTES {
+        return Err(StoreError::Invalid(format!(
+            "{what} of {len} bytes exceeds the {MAX_RECORD_BYTES}-byte limit"
+        )));
+    }
+    Ok(())
 }

@@ -1,0 +1,765 @@
+//! The aggregate actor: one live aggregate, its mailbox, and the decide → append → apply → reply
+//! cycle.
+
+use std::collections::{HashMap, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::{Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, WrapFuture};
+use uuid::Uuid;
+
+use super::command::{CommandOptions, Committed, CommittedEvent};
+use super::error::{CommandError, RuntimeError};
+use super::registry::TypeShared;
+use super::work::{Attempt, Deliver, Passivate, ReplyTx, Work, WorkKind};
+use crate::domain::{Aggregate, DomainEvent, StreamId};
+use crate::store::{
+    now_micros, AppendRequest, AppendResult, Causation, CommandRecord, NewEvent, RecordedOutcome,
+    SnapshotCriteria, SnapshotRecord, StoreError,
+};
+
+/// Events read per page while recovering.
+const REPLAY_PAGE: usize = 1024;
+/// First and largest delay before reloading after a failed write.
+const RESTART_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(5));
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Loading snapshot and events; work queues up.
+    Recovering,
+    /// Idle or deciding.
+    Ready,
+    /// An append is in flight; work queues up and is decided when it lands.
+    Writing,
+    /// Passivating or shut down; new work is bounced to the next incarnation.
+    Stopping,
+}
+
+pub(crate) struct AggregateActor<A: Aggregate> {
+    shared: Arc<TypeShared<A>>,
+    stream: StreamId,
+    incarnation: u64,
+    phase: Phase,
+    state: A,
+    /// The persisted version: `state` equals the fold of events `1..=version` whenever the
+    /// actor is `Ready`.
+    version: u64,
+    queue: VecDeque<Work<A>>,
+    dedup: Dedup,
+    last_snapshot: u64,
+    last_active: Instant,
+    backoff: Duration,
+}
+
+/// The bounded window of processed command ids.
+#[derive(Default)]
+struct Dedup {
+    outcomes: HashMap<Uuid, (u64, RecordedOutcome)>,
+    order: VecDeque<(u64, Uuid)>,
+}
+
+impl Dedup {
+    fn insert(&mut self, record: &CommandRecord, window: usize, forget: &mut Vec<(u64, Uuid)>) {
+        self.outcomes
+            .insert(record.command_id, (record.version, record.outcome.clone()));
+        self.order.push_back((record.version, record.command_id));
+        while self.order.len() > window {
+            if let Some(old) = self.order.pop_front() {
+                self.outcomes.remove(&old.1);
+                forget.push(old);
+            }
+        }
+    }
+}
+
+/// One command decided in a batch, waiting for the append.
+struct Decided<A: Aggregate> {
+    reply: ReplyTx<A>,
+    /// Kept to decide again after a version conflict.
+    command: Option<(A::Command, CommandOptions)>,
+    redecided: bool,
+    outcome: Outcome<A>,
+}
+
+enum Outcome<A: Aggregate> {
+    Events {
+        first_sequence: u64,
+        /// Index of its first event in the batch's append.
+        offset: usize,
+        events: Vec<A::Event>,
+    },
+    Empty {
+        version: u64,
+    },
+    Rejected(A::Error),
+    Failed(RuntimeError),
+    Duplicate(Committed<A::Event>),
+}
+
+/// Commands decided together and persisted in one atomic append.
+struct Batch<A: Aggregate> {
+    expected_version: u64,
+    /// The version including this batch's events so far.
+    version: u64,
+    events: Vec<NewEvent>,
+    records: Vec<CommandRecord>,
+    forget: Vec<(u64, Uuid)>,
+    decided: Vec<Decided<A>>,
+    /// Set when `apply` panicked: the in-memory state can no longer be trusted.
+    poisoned: Option<String>,
+}
+
+impl<A: Aggregate> Batch<A> {
+    fn needs_write(&self) -> bool {
+        !self.events.is_empty() || !self.records.is_empty() || !self.forget.is_empty()
+    }
+
+    fn reply_all(self, first_position: u64) {
+        for d in self.decided {
+            let result = match d.outcome {
+                Outcome::Events {
+                    first_sequence,
+                    offset,
+                    events,
+                } => {
+                    let last_sequence = first_sequence + events.len() as u64 - 1;
+                    let base = first_position + offset as u64;
+                    Ok(Committed {
+                        events: events
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, event)| CommittedEvent {
+                                sequence: first_sequence + i as u64,
+                                position: base + i as u64,
+                                event,
+                            })
+                            .collect(),
+                        version: last_sequence,
+                        first_sequence,
+                        last_sequence,
+                        deduplicated: false,
+                    })
+                }
+                Outcome::Empty { version } => Ok(Committed {
+                    events: Vec::new(),
+                    version,
+                    first_sequence: version + 1,
+                    last_sequence: version,
+                    deduplicated: false,
+                }),
+                Outcome::Rejected(e) => Err(CommandError::Rejected(e)),
+                Outcome::Failed(e) => Err(CommandError::Runtime(e)),
+                Outcome::Duplicate(c) => Ok(c),
+            };
+            let _ = d.reply.send(Attempt::Done(result));
+        }
+    }
+
+    fn fail_all(self, error: &RuntimeError) {
+        for d in self.decided {
+            let _ = d
+                .reply
+                .send(Attempt::Done(Err(CommandError::Runtime(error.clone()))));
+        }
+    }
+}
+
+/// What recovery produced.
+struct Loaded<A> {
+    state: A,
+    version: u64,
+    snapshot: u64,
+    records: Vec<CommandRecord>,
+}
+
+impl<A: Aggregate> AggregateActor<A> {
+    pub(crate) fn new(shared: Arc<TypeShared<A>>, stream: StreamId, incarnation: u64) -> Self {
+        Self {
+            shared,
+            stream,
+            incarnation,
+            phase: Phase::Recovering,
+            state: A::default(),
+            version: 0,
+            queue: VecDeque::new(),
+            dedup: Dedup::default(),
+            last_snapshot: 0,
+            last_active: Instant::now(),
+            backoff: RESTART_BACKOFF.0,
+        }
+    }
+
+    fn recover(&mut self, ctx: &mut Context<Self>) {
+        self.phase = Phase::Recovering;
+        let load = load::<A>(self.shared.clone(), self.stream.clone());
+        ctx.spawn(load.into_actor(self).map(|result, act, ctx| match result {
+            Ok(loaded) => {
+                act.state = loaded.state;
+                act.version = loaded.version;
+                act.last_snapshot = loaded.snapshot;
+                act.dedup = Dedup::default();
+                let mut forget = Vec::new();
+                for record in &loaded.records {
+                    act.dedup
+                        .insert(record, act.shared.settings.dedup_window, &mut forget);
+                }
+                act.phase = Phase::Ready;
+                act.drive(ctx);
+            }
+            Err(error) => {
+                tracing::warn!(stream = %act.stream, %error, "activation failed");
+                for work in act.queue.drain(..) {
+                    let _ = work
+                        .reply
+                        .send(Attempt::Done(Err(CommandError::Runtime(error.clone()))));
+                }
+                act.stop(ctx);
+            }
+        }));
+    }
+
+    /// Reloads from the store after a failed write, after a growing delay.
+    fn restart(&mut self, ctx: &mut Context<Self>, backoff: bool) {
+        self.phase = Phase::Recovering;
+        self.state = A::default();
+        self.version = 0;
+        if backoff {
+            let delay = self.backoff;
+            self.backoff = (self.backoff * 2).min(RESTART_BACKOFF.1);
+            ctx.run_later(delay, |act, ctx| act.recover(ctx));
+        } else {
+            self.recover(ctx);
+        }
+    }
+
+    /// Leaves the registry and stops; anything still queued goes to the next incarnation.
+    fn stop(&mut self, ctx: &mut Context<Self>) {
+        self.phase = Phase::Stopping;
+        self.shared
+            .forget(&self.stream.aggregate_id, self.incarnation);
+        for work in self.queue.drain(..) {
+            work.bounce();
+        }
+        ctx.stop();
+    }
+
+    /// Decides as much queued work as one batch allows, then writes or replies.
+    fn drive(&mut self, ctx: &mut Context<Self>) {
+        if self.phase != Phase::Ready {
+            return;
+        }
+        let mut batch = Batch {
+            expected_version: self.version,
+            version: self.version,
+            events: Vec::new(),
+            records: Vec::new(),
+            forget: Vec::new(),
+            decided: Vec::new(),
+            poisoned: None,
+        };
+        let max = self.shared.settings.max_batch_commands;
+        while let Some(front) = self.queue.front() {
+            let in_batch = !batch.decided.is_empty();
+            match front.kind {
+                WorkKind::Inspect(_) | WorkKind::Stop if in_batch => break,
+                WorkKind::Command { .. } if batch.decided.len() >= max => break,
+                _ => {}
+            }
+            let Some(Work { kind, reply }) = self.queue.pop_front() else {
+                break;
+            };
+            match kind {
+                WorkKind::Inspect(inspect) => {
+                    let (state, version) = (&self.state, self.version);
+                    // A panicking reader drops its result channel; its caller reports it.
+                    let _ = catch_unwind(AssertUnwindSafe(|| inspect(state, version)));
+                    let _ = reply.send(Attempt::Done(Ok(Committed {
+                        events: Vec::new(),
+                        version,
+                        first_sequence: version + 1,
+                        last_sequence: version,
+                        deduplicated: false,
+                    })));
+                }
+                WorkKind::Stop => {
+                    let _ = reply.send(Attempt::Done(Ok(Committed {
+                        events: Vec::new(),
+                        version: self.version,
+                        first_sequence: self.version + 1,
+                        last_sequence: self.version,
+                        deduplicated: false,
+                    })));
+                    self.stop(ctx);
+                    return;
+                }
+                WorkKind::Command {
+                    command,
+                    options,
+                    redecided,
+                } => {
+                    self.decide(command, options, redecided, reply, &mut batch);
+                    if batch.poisoned.is_some() {
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(message) = batch.poisoned.take() {
+            let error = RuntimeError::HandlerPanicked {
+                stream: self.stream.clone(),
+                message: format!("apply panicked: {message}"),
+            };
+            batch.fail_all(&error);
+            self.restart(ctx, false);
+        } else if batch.needs_write() {
+            self.write(batch, ctx);
+        } else if !batch.decided.is_empty() {
+            batch.reply_all(0);
+        }
+    }
+
+    fn decide(
+        &mut self,
+        command: A::Command,
+        options: CommandOptions,
+        redecided: bool,
+        reply: ReplyTx<A>,
+        batch: &mut Batch<A>,
+    ) {
+        let command_id = options.command_id;
+        let outcome = match command_id.and_then(|id| self.dedup.outcomes.get(&id)) {
+            Some((version, recorded)) => self.replay_outcome(*version, recorded),
+            None => self.decide_new(&command, &options, batch),
+        };
+        if let (Some(id), None) = (command_id, batch.poisoned.as_ref()) {
+            let recorded = match &outcome {
+                Outcome::Events {
+                    first_sequence,
+                    events,
+                    ..
+                } => Some(RecordedOutcome::Accepted {
+                    first_sequence: *first_sequence,
+                    last_sequence: first_sequence + events.len() as u64 - 1,
+                }),
+                Outcome::Empty { version } => Some(RecordedOutcome::Accepted {
+                    first_sequence: version + 1,
+                    last_sequence: *version,
+                }),
+                Outcome::Rejected(error) => match rmp_serde::to_vec(error) {
+                    Ok(error) => Some(RecordedOutcome::Rejected { error }),
+                    Err(e) => {
+                        tracing::warn!(stream = %self.stream, error = %e, "rejection not recorded: cannot encode it");
+                        None
+                    }
+                },
+                Outcome::Failed(_) | Outcome::Duplicate(_) => None,
+            };
+            if let Some(outcome) = recorded {
+                let record = CommandRecord {
+                    command_id: id,
+                    version: batch.version,
+                    outcome,
+                };
+                self.dedup.insert(
+                    &record,
+                    self.shared.settings.dedup_window,
+                    &mut batch.forget,
+                );
+                batch.records.push(record);
+            }
+        }
+        batch.decided.push(Decided {
+            reply,
+            command: Some((command, options)),
+            redecided,
+            outcome,
+        });
+    }
+
+    /// The answer to a retried command id.
+    fn replay_outcome(&self, version: u64, recorded: &RecordedOutcome) -> Outcome<A> {
+        match recorded {
+            RecordedOutcome::Accepted {
+                first_sequence,
+                last_sequence,
+            } => Outcome::Duplicate(Committed {
+                events: Vec::new(),
+                version,
+                first_sequence: *first_sequence,
+                last_sequence: *last_sequence,
+                deduplicated: true,
+            }),
+            RecordedOutcome::Rejected { error } => match rmp_serde::from_slice(error) {
+                Ok(error) => Outcome::Rejected(error),
+                Err(e) => Outcome::Failed(RuntimeError::Store(format!(
+                    "cannot decode the recorded rejection of a retried command on {}: {e}",
+                    self.stream
+                ))),
+            },
+        }
+    }
+
+    fn decide_new(
+        &mut self,
+        command: &A::Command,
+        options: &CommandOptions,
+        batch: &mut Batch<A>,
+    ) -> Outcome<A> {
+        let decision = catch_unwind(AssertUnwindSafe(|| self.state.handle(command)));
+        let events = match decision {
+            Err(panic) => {
+                return Outcome::Failed(RuntimeError::HandlerPanicked {
+                    stream: self.stream.clone(),
+                    message: panic_message(&panic),
+                })
+            }
+            Ok(Err(rejection)) => return Outcome::Rejected(rejection),
+            Ok(Ok(events)) => events,
+        };
+        if events.is_empty() {
+            return Outcome::Empty {
+                version: batch.version,
+            };
+        }
+        let causation = Causation {
+            correlation_id: options.correlation_id.or(options.command_id),
+            causation_id: options.causation_id.or(options.command_id),
+            command_id: options.command_id,
+            metadata: options.metadata.clone(),
+        };
+        let mut encoded = Vec::with_capacity(events.len());
+        for event in &events {
+            match rmp_serde::to_vec(event) {
+                Ok(payload) => encoded.push(NewEvent {
+                    event_id: Uuid::now_v7(),
+                    event_type: event.event_type().to_owned(),
+                    schema_version: event.schema_version(),
+                    causation: causation.clone(),
+                    payload,
+                }),
+                Err(e) => {
+                    return Outcome::Failed(RuntimeError::Encode {
+                        stream: self.stream.clone(),
+                        reason: format!("event {}: {e}", event.event_type()),
+                    })
+                }
+            }
+        }
+        // Applied now so the next command of this batch decides against it; nobody observes it
+        // before the append lands, and a failed append rebuilds the state from the store.
+        let state = &mut self.state;
+        let applied = catch_unwind(AssertUnwindSafe(|| {
+            for event in &events {
+                state.apply(event);
+            }
+        }));
+        if let Err(panic) = applied {
+            batch.poisoned = Some(panic_message(&panic));
+            return Outcome::Failed(RuntimeError::HandlerPanicked {
+                stream: self.stream.clone(),
+                message: panic_message(&panic),
+            });
+        }
+        let first_sequence = batch.version + 1;
+        batch.version += events.len() as u64;
+        let offset = batch.events.len();
+        batch.events.extend(encoded);
+        Outcome::Events {
+            first_sequence,
+            offset,
+            events,
+        }
+    }
+
+    fn write(&mut self, mut batch: Batch<A>, ctx: &mut Context<Self>) {
+        self.phase = Phase::Writing;
+        let request = AppendRequest {
+            stream: self.stream.clone(),
+            expected_version: batch.expected_version,
+            events: std::mem::take(&mut batch.events),
+            record_commands: std::mem::take(&mut batch.records),
+            forget_commands: std::mem::take(&mut batch.forget),
+        };
+        let store = self.shared.store.clone();
+        let append = async move { store.append(request).await };
+        ctx.spawn(
+            append
+                .into_actor(self)
+                .map(move |result, act, ctx| act.written(result, batch, ctx)),
+        );
+    }
+
+    fn written(
+        &mut self,
+        result: Result<AppendResult, StoreError>,
+        batch: Batch<A>,
+        ctx: &mut Context<Self>,
+    ) {
+        match result {
+            Ok(done) => {
+                self.version = done.last_sequence;
+                self.backoff = RESTART_BACKOFF.0;
+                self.phase = Phase::Ready;
+                batch.reply_all(done.first_position);
+                self.maybe_snapshot();
+                self.drive(ctx);
+            }
+            Err(StoreError::Conflict {
+                expected, actual, ..
+            }) => {
+                tracing::debug!(stream = %self.stream, expected, actual, "version conflict: reloading");
+                // Decide the batch again, once, against the reloaded state; in order, before
+                // anything queued after it.
+                for d in batch.decided.into_iter().rev() {
+                    match (d.command, d.redecided) {
+                        (Some((command, options)), false) => self.queue.push_front(Work {
+                            kind: WorkKind::Command {
+                                command,
+                                options,
+                                redecided: true,
+                            },
+                            reply: d.reply,
+                        }),
+                        _ => {
+                            let _ = d.reply.send(Attempt::Done(Err(CommandError::Runtime(
+                                RuntimeError::Conflict {
+                                    stream: self.stream.clone(),
+                                    expected,
+                                    actual,
+                                },
+                            ))));
+                        }
+                    }
+                }
+                self.restart(ctx, false);
+            }
+            Err(error) => {
+                tracing::error!(stream = %self.stream, %error, "append failed: restarting from the store");
+                batch.fail_all(&RuntimeError::from(error));
+                self.restart(ctx, true);
+            }
+        }
+    }
+
+    /// Takes a snapshot when the version crossed a multiple of `snapshot_every`, and applies
+    /// the retention policy. Runs beside the actor: commands do not wait for it.
+    fn maybe_snapshot(&mut self) {
+        let settings = &self.shared.settings;
+        let every = settings.snapshot_every;
+        if every == 0 || self.version / every <= self.last_snapshot / every {
+            return;
+        }
+        let payload = match rmp_serde::to_vec(&self.state) {
+            Ok(p) => p,
+            Err(e) => {
+                self.shared.stats.snapshot_failed();
+                tracing::warn!(stream = %self.stream, error = %e, "snapshot skipped: cannot encode the state");
+                return;
+            }
+        };
+        self.last_snapshot = self.version;
+        let record = SnapshotRecord {
+            stream: self.stream.clone(),
+            sequence: self.version,
+            timestamp_micros: now_micros(),
+            schema_version: A::SNAPSHOT_VERSION,
+            payload,
+        };
+        // Snapshots at or below `horizon` are older than the `keep` newest intervals, and every
+        // kept snapshot covers the events up to it.
+        let horizon = self
+            .version
+            .saturating_sub(settings.snapshot_keep.saturating_mul(every));
+        let delete_events = settings.delete_events_on_snapshot;
+        let shared = self.shared.clone();
+        actix::spawn(async move {
+            let stream = record.stream.clone();
+            if let Err(error) = shared.store.save_snapshot(record).await {
+                shared.stats.snapshot_failed();
+                tracing::warn!(%stream, %error, "snapshot failed; nothing deleted");
+                return;
+            }
+            shared.stats.snapshot_saved();
+            if horizon == 0 {
+                return;
+            }
+            if let Err(error) = shared
+                .store
+                .delete_snapshots(&stream, SnapshotCriteria::up_to(horizon))
+                .await
+            {
+                tracing::warn!(%stream, %error, "deleting old snapshots failed");
+                return;
+            }
+            if delete_events {
+                if let Err(error) = shared.store.delete_to(&stream, horizon).await {
+                    tracing::warn!(%stream, %error, "deleting covered events failed");
+                }
+            }
+        });
+    }
+}
+
+impl<A: Aggregate> Actor for AggregateActor<A> {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.recover(ctx);
+    }
+
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        for work in self.queue.drain(..) {
+            work.bounce();
+        }
+        self.shared
+            .forget(&self.stream.aggregate_id, self.incarnation);
+    }
+}
+
+impl<A: Aggregate> Handler<Deliver<A>> for AggregateActor<A> {
+    type Result = ();
+
+    fn handle(&mut self, mut msg: Deliver<A>, ctx: &mut Context<Self>) {
+        let Some(work) = msg.0.take() else {
+            return;
+        };
+        if self.phase == Phase::Stopping {
+            work.bounce();
+            return;
+        }
+        let capacity = self.shared.settings.mailbox_capacity;
+        if self.queue.len() >= capacity {
+            let _ = work.reply.send(Attempt::Done(Err(CommandError::Runtime(
+                RuntimeError::Overloaded {
+                    stream: self.stream.clone(),
+                    capacity,
+                },
+            ))));
+            return;
+        }
+        self.last_active = Instant::now();
+        self.queue.push_back(work);
+        self.drive(ctx);
+    }
+}
+
+impl<A: Aggregate> Handler<Passivate> for AggregateActor<A> {
+    type Result = ();
+
+    fn handle(&mut self, msg: Passivate, ctx: &mut Context<Self>) {
+        let idle_for = Duration::from_millis(self.shared.settings.idle_timeout_ms);
+        let idle =
+            msg.force || (idle_for > Duration::ZERO && self.last_active.elapsed() >= idle_for);
+        if idle && self.phase == Phase::Ready && self.queue.is_empty() {
+            self.shared.stats.passivated();
+            self.stop(ctx);
+        }
+    }
+}
+
+/// Loads an aggregate: the newest usable snapshot, then the events after it.
+async fn load<A: Aggregate>(
+    shared: Arc<TypeShared<A>>,
+    stream: StreamId,
+) -> Result<Loaded<A>, RuntimeError> {
+    let _permit = shared
+        .recoveries
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| RuntimeError::Stopped)?;
+    let store = &shared.store;
+    let activation = |reason: String| RuntimeError::Activation {
+        stream: stream.clone(),
+        reason,
+    };
+    let mut state = A::default();
+    let mut version = 0;
+    let mut snapshot = 0;
+    if let Some(record) = store
+        .latest_snapshot(&stream, SnapshotCriteria::latest())
+        .await?
+    {
+        let decoded = if record.schema_version == A::SNAPSHOT_VERSION {
+            rmp_serde::from_slice::<A>(&record.payload).map_err(|e| e.to_string())
+        } else {
+            Err(format!(
+                "snapshot version {} is not the current {}",
+                record.schema_version,
+                A::SNAPSHOT_VERSION
+            ))
+        };
+        match decoded {
+            Ok(s) => {
+                state = s;
+                version = record.sequence;
+                snapshot = record.sequence;
+            }
+            Err(reason) => {
+                tracing::warn!(%stream, sequence = record.sequence, %reason, "snapshot unusable: replaying events");
+            }
+        }
+    }
+    let highest = loop {
+        let slice = store
+            .read_stream(&stream, version + 1, u64::MAX, REPLAY_PAGE)
+            .await?;
+        let page = slice.events.len();
+        for envelope in slice.events {
+            if envelope.sequence != version + 1 {
+                return Err(activation(format!(
+                    "events {}..{} are deleted and no usable snapshot covers them",
+                    version + 1,
+                    envelope.sequence - 1
+                )));
+            }
+            let event = A::Event::decode(
+                &envelope.event_type,
+                envelope.schema_version,
+                &envelope.payload,
+            )
+            .map_err(|e| {
+                activation(format!(
+                    "cannot decode event {} ({} v{}): {e}",
+                    envelope.sequence, envelope.event_type, envelope.schema_version
+                ))
+            })?;
+            catch_unwind(AssertUnwindSafe(|| state.apply(&event))).map_err(|panic| {
+                activation(format!(
+                    "apply panicked on event {}: {}",
+                    envelope.sequence,
+                    panic_message(&panic)
+                ))
+            })?;
+            version = envelope.sequence;
+        }
+        if page < REPLAY_PAGE {
+            break slice.highest_sequence;
+        }
+    };
+    if version < highest {
+        return Err(activation(format!(
+            "events {}..={highest} are deleted and no usable snapshot covers them",
+            version + 1
+        )));
+    }
+    let records = store.command_records(&stream).await?;
+    shared.stats.activated();
+    Ok(Loaded {
+        state,
+        version,
+        snapshot,
+        records,
+    })
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}

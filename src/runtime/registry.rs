@@ -1,0 +1,303 @@
+//! Where live aggregate actors are found: one registry per aggregate type, keyed by id.
+//!
+//! Architecture invariant: an id has at most one live actor. Activation happens under the
+//! registry's entry lock, so concurrent first messages share one actor and one recovery.
+//! Placement (which arbiter hosts an id) is decided here and only here: the seam where a
+//! distributed placement would go.
+
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::dev::channel;
+use actix::{Addr, ArbiterHandle, Context};
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use tokio::sync::{Notify, Semaphore};
+
+use super::actor::AggregateActor;
+use super::config::AggregateSettings;
+use super::error::RuntimeError;
+use super::work::{Attempt, Deliver, Passivate, Work, WorkKind};
+use super::{CommandError, Committed};
+use crate::domain::{Aggregate, AggregateId, StreamId};
+use crate::store::EventStore;
+
+/// How often one piece of work may be bounced between stopping incarnations before the caller
+/// gives up; each bounce means an actor stopped between lookup and delivery.
+const MAX_BOUNCES: usize = 32;
+
+pub(crate) struct Slot<A: Aggregate> {
+    addr: Addr<AggregateActor<A>>,
+    incarnation: u64,
+    /// Milliseconds since the runtime started, at the last delivery.
+    last_used: AtomicU64,
+}
+
+/// Counters of one aggregate type.
+#[derive(Debug, Default)]
+pub(crate) struct TypeStats {
+    activations: AtomicU64,
+    passivations: AtomicU64,
+    snapshots: AtomicU64,
+    snapshot_failures: AtomicU64,
+}
+
+impl TypeStats {
+    pub(crate) fn activated(&self) {
+        self.activations.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn passivated(&self) {
+        self.passivations.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn snapshot_saved(&self) {
+        self.snapshots.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn snapshot_failed(&self) {
+        self.snapshot_failures.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A point-in-time view of one aggregate type's actors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AggregateStats {
+    /// Actors live now.
+    pub live: usize,
+    /// Completed recoveries (activations and reloads) since start.
+    pub activations: u64,
+    /// Actors passivated (idle, over the limit, or shut down).
+    pub passivations: u64,
+    /// Snapshots saved.
+    pub snapshots: u64,
+    /// Snapshots that failed to encode or save.
+    pub snapshot_failures: u64,
+}
+
+/// Everything the actors of one aggregate type share.
+pub(crate) struct TypeShared<A: Aggregate> {
+    pub(crate) store: Arc<dyn EventStore>,
+    pub(crate) settings: AggregateSettings,
+    pub(crate) recoveries: Arc<Semaphore>,
+    pub(crate) stats: TypeStats,
+    registry: DashMap<AggregateId, Slot<A>>,
+    arbiters: Arc<[ArbiterHandle]>,
+    incarnations: AtomicU64,
+    started: Instant,
+    live: AtomicUsize,
+    sweep_now: Notify,
+}
+
+impl<A: Aggregate> TypeShared<A> {
+    pub(crate) fn new(
+        store: Arc<dyn EventStore>,
+        settings: AggregateSettings,
+        recoveries: Arc<Semaphore>,
+        arbiters: Arc<[ArbiterHandle]>,
+    ) -> Self {
+        Self {
+            store,
+            settings,
+            recoveries,
+            stats: TypeStats::default(),
+            registry: DashMap::new(),
+            arbiters,
+            incarnations: AtomicU64::new(0),
+            started: Instant::now(),
+            live: AtomicUsize::new(0),
+            sweep_now: Notify::new(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    pub(crate) fn stats(&self) -> AggregateStats {
+        AggregateStats {
+            live: self.registry.len(),
+            activations: self.stats.activations.load(Ordering::Relaxed),
+            passivations: self.stats.passivations.load(Ordering::Relaxed),
+            snapshots: self.stats.snapshots.load(Ordering::Relaxed),
+            snapshot_failures: self.stats.snapshot_failures.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The live actor of `id`, activating one if there is none.
+    fn lookup_or_activate(
+        self: &Arc<Self>,
+        id: &AggregateId,
+    ) -> Result<(Addr<AggregateActor<A>>, u64), RuntimeError> {
+        let now = self.now_ms();
+        if let Some(slot) = self.registry.get(id) {
+            slot.last_used.store(now, Ordering::Relaxed);
+            return Ok((slot.addr.clone(), slot.incarnation));
+        }
+        let arbiter = self.place(id)?;
+        let entry = self.registry.entry(id.clone());
+        let slot = match entry {
+            Entry::Occupied(o) => {
+                let slot = o.get();
+                slot.last_used.store(now, Ordering::Relaxed);
+                return Ok((slot.addr.clone(), slot.incarnation));
+            }
+            Entry::Vacant(v) => {
+                let incarnation = self.incarnations.fetch_add(1, Ordering::Relaxed);
+                let (tx, rx) = channel::channel(self.settings.mailbox_capacity);
+                let actor = AggregateActor::new(
+                    self.clone(),
+                    StreamId::new(A::TYPE, id.clone()),
+                    incarnation,
+                );
+                let spawned = arbiter.spawn_fn(move || {
+                    let ctx: Context<AggregateActor<A>> = Context::with_receiver(rx);
+                    actix::spawn(ctx.into_future(actor));
+                });
+                if !spawned {
+                    return Err(RuntimeError::Stopped);
+                }
+                let slot = Slot {
+                    addr: Addr::new(tx),
+                    incarnation,
+                    last_used: AtomicU64::new(now),
+                };
+                let out = (slot.addr.clone(), incarnation);
+                v.insert(slot);
+                out
+            }
+        };
+        let live = self.live.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.settings.max_live > 0 && live > self.settings.max_live {
+            self.sweep_now.notify_one();
+        }
+        Ok(slot)
+    }
+
+    /// The arbiter that hosts `id`: a stable hash, so one id always lands on one thread.
+    fn place(&self, id: &AggregateId) -> Result<&ArbiterHandle, RuntimeError> {
+        let mut hasher = self.registry.hasher().build_hasher();
+        id.hash(&mut hasher);
+        let n = self.arbiters.len().max(1) as u64;
+        let index = usize::try_from(hasher.finish() % n).unwrap_or(0);
+        self.arbiters.get(index).ok_or(RuntimeError::Stopped)
+    }
+
+    /// Removes `id`'s slot if it still belongs to `incarnation`.
+    pub(crate) fn forget(&self, id: &AggregateId, incarnation: u64) {
+        if self
+            .registry
+            .remove_if(id, |_, slot| slot.incarnation == incarnation)
+            .is_some()
+        {
+            self.live.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Delivers work to `id`'s actor, following it across passivations.
+    pub(crate) async fn dispatch(
+        self: &Arc<Self>,
+        id: &AggregateId,
+        mut kind: WorkKind<A>,
+    ) -> Result<Committed<A::Event>, CommandError<A::Error>> {
+        for _ in 0..MAX_BOUNCES {
+            let (addr, incarnation) = self.lookup_or_activate(id)?;
+            let (reply, outcome) = tokio::sync::oneshot::channel();
+            match addr.try_send(Deliver(Some(Work { kind, reply }))) {
+                Ok(()) => {}
+                Err(actix::prelude::SendError::Full(mut msg)) => {
+                    drop(msg.0.take());
+                    return Err(CommandError::Runtime(RuntimeError::Overloaded {
+                        stream: StreamId::new(A::TYPE, id.clone()),
+                        capacity: self.settings.mailbox_capacity,
+                    }));
+                }
+                Err(actix::prelude::SendError::Closed(mut msg)) => {
+                    self.forget(id, incarnation);
+                    match msg.0.take() {
+                        Some(work) => {
+                            kind = work.kind;
+                            continue;
+                        }
+                        None => return Err(CommandError::Runtime(RuntimeError::Stopped)),
+                    }
+                }
+            }
+            match outcome.await {
+                Ok(Attempt::Done(result)) => return result,
+                Ok(Attempt::Bounced(returned)) => {
+                    self.forget(id, incarnation);
+                    kind = returned;
+                }
+                Err(_) => return Err(CommandError::Runtime(RuntimeError::Stopped)),
+            }
+        }
+        Err(CommandError::Runtime(RuntimeError::Activation {
+            stream: StreamId::new(A::TYPE, id.clone()),
+            reason: format!(
+                "the actor stopped {MAX_BOUNCES} times in a row before taking the work"
+            ),
+        }))
+    }
+
+    /// Passivates idle actors and, over the live limit, the least recently used ones. Runs until
+    /// the runtime stops.
+    pub(crate) async fn sweep(self: Arc<Self>, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.sweep_now.notified() => {}
+            }
+            if Arc::strong_count(&self) == 1 {
+                return;
+            }
+            self.sweep_once();
+        }
+    }
+
+    fn sweep_once(&self) {
+        let now = self.now_ms();
+        let idle_ms = self.settings.idle_timeout_ms;
+        let max_live = self.settings.max_live;
+        let over = if max_live > 0 {
+            self.registry.len().saturating_sub(max_live)
+        } else {
+            0
+        };
+        let mut by_age: Vec<(u64, Addr<AggregateActor<A>>)> = Vec::new();
+        for slot in self.registry.iter() {
+            let last = slot.last_used.load(Ordering::Relaxed);
+            if idle_ms > 0 && now.saturating_sub(last) >= idle_ms {
+                slot.addr.do_send(Passivate { force: false });
+            } else if over > 0 {
+                by_age.push((last, slot.addr.clone()));
+            }
+        }
+        if over > 0 {
+            by_age.sort_unstable_by_key(|(last, _)| *last);
+            for (_, addr) in by_age.into_iter().take(over) {
+                addr.do_send(Passivate { force: true });
+            }
+        }
+    }
+
+    /// Asks every live actor to finish its queue and stop; returns when all have.
+    pub(crate) async fn stop_all(self: &Arc<Self>) {
+        let addrs: Vec<_> = self.registry.iter().map(|s| s.addr.clone()).collect();
+        let mut waits = Vec::with_capacity(addrs.len());
+        for addr in addrs {
+            let (reply, outcome) = tokio::sync::oneshot::channel();
+            // `send` waits for mailbox room instead of failing: shutdown must reach everyone.
+            let delivered = addr.send(Deliver(Some(Work {
+                kind: WorkKind::Stop,
+                reply,
+            })));
+            waits.push(async move {
+                let _ = delivered.await;
+                let _ = outcome.await;
+            });
+        }
+        futures::future::join_all(waits).await;
+    }
+}
