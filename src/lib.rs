@@ -24,11 +24,16 @@
 //! ```
 
 mod domain;
+mod projection;
 mod runtime;
 mod store;
 pub mod testing;
 
 pub use domain::{Aggregate, AggregateId, DomainEvent, StreamId};
+pub use projection::{
+    DeadLetter, Delivery, EventFilter, OnError, ProjectionError, ProjectionStatus, Projector,
+    ProjectorOptions, ProjectorState, ReadModelTx, Table, TableKey,
+};
 pub use runtime::{
     AggregateOverrides, AggregateSettings, AggregateStats, AggregateTables, Backend, BuildError,
     CommandError, CommandOptions, Committed, CommittedEvent, Config, ConfigError, DurabilityMode,

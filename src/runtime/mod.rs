@@ -27,6 +27,10 @@ pub use error::{CommandError, RuntimeError};
 pub use registry::AggregateStats;
 
 use crate::domain::{Aggregate, AggregateId, StreamId};
+use crate::projection::{
+    self, DeadLetter, ProjectionError, ProjectionStatus, Projector, ProjectorHandle,
+    ProjectorOptions,
+};
 use crate::store::{EventStore, MemoryStore, SledStore, StoreError};
 use registry::TypeShared;
 use work::WorkKind;
@@ -68,6 +72,7 @@ impl<A: Aggregate> RegisteredType for Registered<A> {
 }
 
 type Registration = Box<dyn FnOnce(&Setup) -> (TypeId, &'static str, Box<dyn RegisteredType>)>;
+type ProjectorStart = Box<dyn FnOnce(&Setup, &ArbiterHandle) -> ProjectorHandle>;
 
 /// What registrations need when the runtime is built.
 struct Setup {
@@ -82,6 +87,7 @@ pub struct RuntimeBuilder {
     config: Config,
     store: Option<Arc<dyn EventStore>>,
     registrations: Vec<Registration>,
+    projectors: Vec<ProjectorStart>,
 }
 
 impl Default for RuntimeBuilder {
@@ -97,6 +103,7 @@ impl RuntimeBuilder {
             config: Config::default(),
             store: None,
             registrations: Vec::new(),
+            projectors: Vec::new(),
         }
     }
 
@@ -141,6 +148,19 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Runs `projector` with the default options (exactly-once, stop on error).
+    pub fn projector<P: Projector>(self, projector: P) -> Self {
+        self.projector_with(projector, ProjectorOptions::default())
+    }
+
+    /// Runs `projector` with `options`.
+    pub fn projector_with<P: Projector>(mut self, projector: P, options: ProjectorOptions) -> Self {
+        self.projectors.push(Box::new(move |setup: &Setup, arbiter: &ArbiterHandle| {
+            projection::spawn_projector(projector, options, setup.store.clone(), arbiter)
+        }));
+        self
+    }
+
     /// Opens the store (unless one was given), starts the actor threads and returns the handle.
     ///
     /// Blocking for as long as opening the store takes; call it at start-up, from any context
@@ -176,11 +196,23 @@ impl RuntimeBuilder {
             }
             types.insert(type_id, (tag, registered));
         }
+        let mut projectors: HashMap<&'static str, ProjectorHandle> = HashMap::new();
+        for (i, start) in self.projectors.into_iter().enumerate() {
+            let Some(arbiter) = setup.arbiters.get(i % setup.arbiters.len().max(1)) else {
+                break;
+            };
+            let handle = start(&setup, arbiter);
+            if projectors.insert(handle.name(), handle.clone()).is_some() {
+                system.stop();
+                return Err(BuildError::DuplicateType(handle.name()));
+            }
+        }
         Ok(Runtime {
             inner: Arc::new(Inner {
                 config: self.config,
                 store,
                 types,
+                projectors,
                 accepting: AtomicBool::new(true),
                 system: Mutex::new(Some(system)),
             }),
@@ -213,6 +245,7 @@ struct Inner {
     config: Config,
     store: Arc<dyn EventStore>,
     types: HashMap<TypeId, (&'static str, Box<dyn RegisteredType>)>,
+    projectors: HashMap<&'static str, ProjectorHandle>,
     accepting: AtomicBool,
     system: Mutex<Option<actix::System>>,
 }
@@ -363,6 +396,50 @@ impl Runtime {
         Ok(self.shared::<A>()?.stats())
     }
 
+    fn projector(&self, name: &str) -> Result<&ProjectorHandle, ProjectionError> {
+        self.inner
+            .projectors
+            .get(name)
+            .ok_or_else(|| ProjectionError::UnknownProjector(name.to_owned()))
+    }
+
+    /// Where projector `name` stands: checkpoint, processed position, head, lag, counts, state.
+    pub fn projection_status(&self, name: &str) -> Result<ProjectionStatus, ProjectionError> {
+        Ok(self.projector(name)?.status())
+    }
+
+    /// Waits until projector `name`'s read model includes global position `position` (e.g. the
+    /// `position` of a command's last committed event: read-your-writes). Fails if the
+    /// projector stops, or after the command timeout.
+    pub async fn wait_for_projection(&self, name: &str, position: u64) -> Result<(), ProjectionError> {
+        self.projector(name)?
+            .wait_for(position, self.inner.config.command_timeout())
+            .await
+    }
+
+    /// Resets projector `name`'s checkpoint, read-model tables and dead letters in one commit,
+    /// then replays the log from the start. The live instance does the rebuild itself, so the
+    /// two never run side by side; progress shows in [`projection_status`](Runtime::projection_status).
+    pub async fn rebuild_projection(&self, name: &str) -> Result<(), ProjectionError> {
+        self.projector(name)?.rebuild().await
+    }
+
+    /// Restarts a projector stopped by its failure strategy, from its checkpoint.
+    pub async fn resume_projection(&self, name: &str) -> Result<(), ProjectionError> {
+        self.projector(name)?.resume().await
+    }
+
+    /// The events projector `name` parked after its handler failed on them.
+    pub async fn dead_letters(&self, name: &str) -> Result<Vec<DeadLetter>, ProjectionError> {
+        self.projector(name)?;
+        projection::dead_letters(&*self.inner.store, name).await
+    }
+
+    /// Handles the parked event at `position` again; true if it succeeded (and was unparked).
+    pub async fn replay_dead_letter(&self, name: &str, position: u64) -> Result<bool, ProjectionError> {
+        self.projector(name)?.replay_dead_letter(position).await
+    }
+
     async fn deliver<A: Aggregate>(
         &self,
         id: &AggregateId,
@@ -392,6 +469,9 @@ impl Runtime {
         }
         for (_, registered) in self.inner.types.values() {
             registered.stop_all().await;
+        }
+        for projector in self.inner.projectors.values() {
+            projector.stop().await;
         }
         let closed = self.inner.store.close().await;
         if let Ok(mut guard) = self.inner.system.lock() {
