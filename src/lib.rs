@@ -26,6 +26,7 @@
 mod domain;
 mod projection;
 mod runtime;
+mod saga;
 mod store;
 pub mod testing;
 
@@ -38,6 +39,10 @@ pub use runtime::{
     AggregateOverrides, AggregateSettings, AggregateStats, AggregateTables, Backend, BuildError,
     CommandError, CommandOptions, Committed, CommittedEvent, Config, ConfigError, DurabilityMode,
     Runtime, RuntimeBuilder, RuntimeError, RuntimeSettings, StoreSettings,
+};
+pub use saga::{
+    Clock, CommandOutcome, Correlation, ManualClock, ProcessManager, SagaError, SagaStatus, Step,
+    SystemClock,
 };
 pub use store::{
     AppendRequest, AppendResult, Causation, CommandRecord, Durability, EventEnvelope, EventStore,

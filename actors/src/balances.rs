@@ -6,7 +6,7 @@
 
 use async_trait::async_trait;
 use incarnate::{
-    EventEnvelope, EventFilter, Projector, ProjectionError, ReadModelTx, Table, TableKey,
+    EventEnvelope, EventFilter, ProjectionError, Projector, ReadModelTx, Table, TableKey,
 };
 use serde::{Deserialize, Serialize};
 
@@ -101,7 +101,11 @@ impl Projector for AccountBalances {
         vec![BALANCES.name(), STATEMENTS.name()]
     }
 
-    async fn handle(&mut self, envelope: &EventEnvelope, tx: &mut ReadModelTx) -> Result<(), ProjectionError> {
+    async fn handle(
+        &mut self,
+        envelope: &EventEnvelope,
+        tx: &mut ReadModelTx,
+    ) -> Result<(), ProjectionError> {
         let account = envelope.stream.aggregate_id.to_string();
         let event: AccountEvent = envelope.decode_event()?;
         let mut row = BALANCES.get(tx, &account).await?.unwrap_or_default();
@@ -178,9 +182,18 @@ mod tests {
 
     #[test]
     fn statement_keys_sort_by_account_then_sequence() {
-        let a1 = StatementKey { account: "a".into(), sequence: 1 };
-        let a2 = StatementKey { account: "a".into(), sequence: 256 };
-        let ab = StatementKey { account: "ab".into(), sequence: 0 };
+        let a1 = StatementKey {
+            account: "a".into(),
+            sequence: 1,
+        };
+        let a2 = StatementKey {
+            account: "a".into(),
+            sequence: 256,
+        };
+        let ab = StatementKey {
+            account: "ab".into(),
+            sequence: 0,
+        };
         assert!(a1.encode_key() < a2.encode_key());
         assert!(a2.encode_key() < ab.encode_key());
         assert_eq!(StatementKey::decode_key(&a2.encode_key()), Some(a2));

@@ -32,5 +32,6 @@
 
 pub mod account;
 pub mod balances;
+pub mod transfer;
 
 pub use account::{Account, AccountCommand, AccountError, AccountEvent, AccountStatus};

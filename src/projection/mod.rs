@@ -14,7 +14,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 pub use read_model::{ReadModelTx, Table, TableKey};
-pub(crate) use runner::{dead_letters, spawn_projector, ProjectorHandle};
+pub(crate) use runner::{dead_letters, spawn_projector, ProjectorHandle, CHECKPOINTS};
 
 use crate::domain::DomainEvent;
 use crate::store::{EventEnvelope, StoreError};
@@ -138,7 +138,11 @@ pub trait Projector: Send + 'static {
 
     /// Handles one event, writing the read model through `tx`. An error triggers the
     /// projector's failure strategy; the event's writes are discarded.
-    async fn handle(&mut self, event: &EventEnvelope, tx: &mut ReadModelTx) -> Result<(), ProjectionError>;
+    async fn handle(
+        &mut self,
+        event: &EventEnvelope,
+        tx: &mut ReadModelTx,
+    ) -> Result<(), ProjectionError>;
 }
 
 /// When the checkpoint is committed.

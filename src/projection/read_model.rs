@@ -37,7 +37,11 @@ impl ReadModelTx {
     }
 
     /// The raw value of `key` in `table`, as this transaction sees it.
-    pub async fn get_raw(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>, ProjectionError> {
+    pub async fn get_raw(
+        &self,
+        table: &str,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>, ProjectionError> {
         let k = (table.to_owned(), key.to_vec());
         if let Some(v) = self.event.get(&k).or_else(|| self.batch.get(&k)) {
             return Ok(v.clone());
@@ -183,7 +187,8 @@ impl<K: TableKey, V: Serialize + DeserializeOwned> Table<K, V> {
     }
 
     fn decode(&self, bytes: &[u8]) -> Result<V, ProjectionError> {
-        rmp_serde::from_slice(bytes).map_err(|e| ProjectionError::Codec(format!("table {}: {e}", self.name)))
+        rmp_serde::from_slice(bytes)
+            .map_err(|e| ProjectionError::Codec(format!("table {}: {e}", self.name)))
     }
 
     /// The value of `key` as `tx` sees it.
@@ -196,13 +201,19 @@ impl<K: TableKey, V: Serialize + DeserializeOwned> Table<K, V> {
 
     /// Sets `key` to `value` in `tx`.
     pub fn put(&self, tx: &mut ReadModelTx, key: &K, value: &V) -> Result<(), ProjectionError> {
-        let bytes = rmp_serde::to_vec(value).map_err(|e| ProjectionError::Codec(format!("table {}: {e}", self.name)))?;
+        let bytes = rmp_serde::to_vec(value)
+            .map_err(|e| ProjectionError::Codec(format!("table {}: {e}", self.name)))?;
         tx.put_raw(self.name, key.encode_key(), bytes);
         Ok(())
     }
 
     /// Reads `key`, changes it with `f` (starting from `V::default()` if missing) and writes it.
-    pub async fn update(&self, tx: &mut ReadModelTx, key: &K, f: impl FnOnce(&mut V)) -> Result<(), ProjectionError>
+    pub async fn update(
+        &self,
+        tx: &mut ReadModelTx,
+        key: &K,
+        f: impl FnOnce(&mut V),
+    ) -> Result<(), ProjectionError>
     where
         V: Default,
     {
@@ -217,7 +228,11 @@ impl<K: TableKey, V: Serialize + DeserializeOwned> Table<K, V> {
     }
 
     /// The committed value of `key` (a query: reads what projectors have committed).
-    pub async fn load(&self, store: &dyn EventStore, key: &K) -> Result<Option<V>, ProjectionError> {
+    pub async fn load(
+        &self,
+        store: &dyn EventStore,
+        key: &K,
+    ) -> Result<Option<V>, ProjectionError> {
         match store.kv_get(self.name, &key.encode_key()).await? {
             Some(bytes) => self.decode(&bytes).map(Some),
             None => Ok(None),
@@ -225,12 +240,18 @@ impl<K: TableKey, V: Serialize + DeserializeOwned> Table<K, V> {
     }
 
     /// Up to `max` committed entries with keys from `from` on, in key order.
-    pub async fn scan(&self, store: &dyn EventStore, from: Option<&K>, max: usize) -> Result<Vec<(K, V)>, ProjectionError> {
+    pub async fn scan(
+        &self,
+        store: &dyn EventStore,
+        from: Option<&K>,
+        max: usize,
+    ) -> Result<Vec<(K, V)>, ProjectionError> {
         let start = from.map(TableKey::encode_key).unwrap_or_default();
         let mut out = Vec::new();
         for (k, v) in store.kv_scan(self.name, &start, max).await? {
-            let key = K::decode_key(&k)
-                .ok_or_else(|| ProjectionError::Codec(format!("table {}: undecodable key", self.name)))?;
+            let key = K::decode_key(&k).ok_or_else(|| {
+                ProjectionError::Codec(format!("table {}: undecodable key", self.name))
+            })?;
             out.push((key, self.decode(&v)?));
         }
         Ok(out)

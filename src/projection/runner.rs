@@ -56,11 +56,17 @@ impl ProjectorHandle {
     }
 
     /// Waits until the projector's committed read model includes position `position`.
-    pub(crate) async fn wait_for(&self, position: u64, timeout: Duration) -> Result<(), ProjectionError> {
+    pub(crate) async fn wait_for(
+        &self,
+        position: u64,
+        timeout: Duration,
+    ) -> Result<(), ProjectionError> {
         let mut status = self.status.clone();
         let reached = async move {
             status
-                .wait_for(|s| s.processed >= position || matches!(s.state, ProjectorState::Stopped(_)))
+                .wait_for(|s| {
+                    s.processed >= position || matches!(s.state, ProjectorState::Stopped(_))
+                })
                 .await
                 .map(|s| (s.processed, s.state.clone()))
         };
@@ -77,12 +83,16 @@ impl ProjectorHandle {
         }
     }
 
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Control) -> Result<T, ProjectionError> {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Control,
+    ) -> Result<T, ProjectionError> {
         let (tx, rx) = oneshot::channel();
         self.control
             .send(make(tx))
             .map_err(|_| self.stopped("the projector task ended"))?;
-        rx.await.map_err(|_| self.stopped("the projector task ended"))
+        rx.await
+            .map_err(|_| self.stopped("the projector task ended"))
     }
 
     pub(crate) async fn rebuild(&self) -> Result<(), ProjectionError> {
@@ -90,7 +100,8 @@ impl ProjectorHandle {
     }
 
     pub(crate) async fn replay_dead_letter(&self, position: u64) -> Result<bool, ProjectionError> {
-        self.ask(|tx| Control::ReplayDeadLetter(position, tx)).await?
+        self.ask(|tx| Control::ReplayDeadLetter(position, tx))
+            .await?
     }
 
     pub(crate) async fn resume(&self) -> Result<(), ProjectionError> {
@@ -249,7 +260,9 @@ impl<P: Projector> Runner<P> {
                 .as_slice()
                 .try_into()
                 .map(u64::from_be_bytes)
-                .map_err(|_| ProjectionError::Codec(format!("checkpoint of {name}: expected 8 bytes"))),
+                .map_err(|_| {
+                    ProjectionError::Codec(format!("checkpoint of {name}: expected 8 bytes"))
+                }),
             None => Ok(0),
         }
     }
@@ -295,7 +308,9 @@ impl<P: Projector> Runner<P> {
                 self.last_checkpoint = Instant::now();
                 self.publish();
             }
-            Err(e) => tracing::warn!(projector = self.projector.name(), error = %e, "checkpoint failed"),
+            Err(e) => {
+                tracing::warn!(projector = self.projector.name(), error = %e, "checkpoint failed")
+            }
         }
     }
 
@@ -383,7 +398,13 @@ impl<P: Projector> Runner<P> {
         self.skipped += parked;
         self.publish();
         let status = self.status.borrow();
-        tracing::debug!(projector = name, processed = status.processed, head = status.head, lag = status.lag, "batch committed");
+        tracing::debug!(
+            projector = name,
+            processed = status.processed,
+            head = status.head,
+            lag = status.lag,
+            "batch committed"
+        );
     }
 
     /// Runs the handler on one event with the failure strategy.
@@ -449,7 +470,9 @@ impl<P: Projector> Runner<P> {
             .into_iter()
             .find(|e| e.position == position)
         else {
-            return Err(ProjectionError::Store(format!("event {position} is no longer in the log")));
+            return Err(ProjectionError::Store(format!(
+                "event {position} is no longer in the log"
+            )));
         };
         let mut tx = ReadModelTx::new(self.store.clone());
         let outcome = AssertUnwindSafe(self.projector.handle(&envelope, &mut tx))
@@ -464,7 +487,8 @@ impl<P: Projector> Runner<P> {
             Ok(Err(e)) => {
                 letter.error = e.to_string();
                 letter.attempts += 1;
-                let value = rmp_serde::to_vec(&letter).map_err(|e| ProjectionError::Codec(e.to_string()))?;
+                let value = rmp_serde::to_vec(&letter)
+                    .map_err(|e| ProjectionError::Codec(e.to_string()))?;
                 self.store
                     .kv_commit(vec![KvWrite::Put { table, key, value }])
                     .await?;
@@ -495,7 +519,10 @@ impl<P: Projector> Runner<P> {
 }
 
 /// Lists `name`'s parked events.
-pub(crate) async fn dead_letters(store: &dyn EventStore, name: &str) -> Result<Vec<DeadLetter>, ProjectionError> {
+pub(crate) async fn dead_letters(
+    store: &dyn EventStore,
+    name: &str,
+) -> Result<Vec<DeadLetter>, ProjectionError> {
     store
         .kv_scan(&dead_letter_table(name), &[], usize::MAX)
         .await?

@@ -31,6 +31,7 @@ use crate::projection::{
     self, DeadLetter, ProjectionError, ProjectionStatus, Projector, ProjectorHandle,
     ProjectorOptions,
 };
+use crate::saga::{self, Clock, ProcessManager, SagaError, SagaHandle, SagaStatus, SystemClock};
 use crate::store::{EventStore, MemoryStore, SledStore, StoreError};
 use registry::TypeShared;
 use work::WorkKind;
@@ -73,6 +74,17 @@ impl<A: Aggregate> RegisteredType for Registered<A> {
 
 type Registration = Box<dyn FnOnce(&Setup) -> (TypeId, &'static str, Box<dyn RegisteredType>)>;
 type ProjectorStart = Box<dyn FnOnce(&Setup, &ArbiterHandle) -> ProjectorHandle>;
+type SagaStart = Box<dyn FnOnce(&Setup, WeakRuntime, &ArbiterHandle) -> SagaHandle>;
+
+/// A handle on the runtime that does not keep it alive (held by its own saga tasks).
+#[derive(Clone)]
+pub(crate) struct WeakRuntime(std::sync::Weak<Inner>);
+
+impl WeakRuntime {
+    pub(crate) fn upgrade(&self) -> Option<Runtime> {
+        self.0.upgrade().map(|inner| Runtime { inner })
+    }
+}
 
 /// What registrations need when the runtime is built.
 struct Setup {
@@ -80,6 +92,7 @@ struct Setup {
     config: Config,
     recoveries: Arc<Semaphore>,
     arbiters: Arc<[ArbiterHandle]>,
+    clock: Arc<dyn Clock>,
 }
 
 /// Builds a [`Runtime`]: configuration, store, and the aggregate types it hosts.
@@ -88,6 +101,8 @@ pub struct RuntimeBuilder {
     store: Option<Arc<dyn EventStore>>,
     registrations: Vec<Registration>,
     projectors: Vec<ProjectorStart>,
+    sagas: Vec<SagaStart>,
+    clock: Arc<dyn Clock>,
 }
 
 impl Default for RuntimeBuilder {
@@ -104,6 +119,8 @@ impl RuntimeBuilder {
             store: None,
             registrations: Vec::new(),
             projectors: Vec::new(),
+            sagas: Vec::new(),
+            clock: Arc::new(SystemClock),
         }
     }
 
@@ -155,9 +172,35 @@ impl RuntimeBuilder {
 
     /// Runs `projector` with `options`.
     pub fn projector_with<P: Projector>(mut self, projector: P, options: ProjectorOptions) -> Self {
-        self.projectors.push(Box::new(move |setup: &Setup, arbiter: &ArbiterHandle| {
-            projection::spawn_projector(projector, options, setup.store.clone(), arbiter)
-        }));
+        self.projectors
+            .push(Box::new(move |setup: &Setup, arbiter: &ArbiterHandle| {
+                projection::spawn_projector(projector, options, setup.store.clone(), arbiter)
+            }));
+        self
+    }
+
+    /// Runs process manager `pm` (a saga), fed from the global log.
+    pub fn saga<P: ProcessManager>(mut self, pm: P) -> Self {
+        self.sagas.push(Box::new(
+            move |setup: &Setup, runtime: WeakRuntime, arbiter: &ArbiterHandle| {
+                saga::spawn_saga(
+                    pm,
+                    saga::SagaSetup {
+                        store: setup.store.clone(),
+                        runtime,
+                        clock: setup.clock.clone(),
+                        batch_size: 256,
+                    },
+                    arbiter,
+                )
+            },
+        ));
+        self
+    }
+
+    /// The clock saga deadlines use (a [`ManualClock`](crate::ManualClock) in tests).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
         self
     }
 
@@ -186,6 +229,7 @@ impl RuntimeBuilder {
                 self.config.runtime.max_concurrent_recoveries,
             )),
             arbiters: arbiters.into(),
+            clock: self.clock,
         };
         let mut types: HashMap<TypeId, (&'static str, Box<dyn RegisteredType>)> = HashMap::new();
         for registration in self.registrations {
@@ -207,16 +251,26 @@ impl RuntimeBuilder {
                 return Err(BuildError::DuplicateType(handle.name()));
             }
         }
-        Ok(Runtime {
-            inner: Arc::new(Inner {
+        let saga_starts = self.sagas;
+        let inner = Arc::new_cyclic(|weak| {
+            let mut sagas = HashMap::new();
+            for (i, start) in saga_starts.into_iter().enumerate() {
+                if let Some(arbiter) = setup.arbiters.get(i % setup.arbiters.len().max(1)) {
+                    let handle = start(&setup, WeakRuntime(weak.clone()), arbiter);
+                    sagas.insert(handle.name(), handle);
+                }
+            }
+            Inner {
                 config: self.config,
                 store,
                 types,
                 projectors,
+                sagas,
                 accepting: AtomicBool::new(true),
                 system: Mutex::new(Some(system)),
-            }),
-        })
+            }
+        });
+        Ok(Runtime { inner })
     }
 }
 
@@ -246,6 +300,7 @@ struct Inner {
     store: Arc<dyn EventStore>,
     types: HashMap<TypeId, (&'static str, Box<dyn RegisteredType>)>,
     projectors: HashMap<&'static str, ProjectorHandle>,
+    sagas: HashMap<&'static str, SagaHandle>,
     accepting: AtomicBool,
     system: Mutex<Option<actix::System>>,
 }
@@ -411,7 +466,11 @@ impl Runtime {
     /// Waits until projector `name`'s read model includes global position `position` (e.g. the
     /// `position` of a command's last committed event: read-your-writes). Fails if the
     /// projector stops, or after the command timeout.
-    pub async fn wait_for_projection(&self, name: &str, position: u64) -> Result<(), ProjectionError> {
+    pub async fn wait_for_projection(
+        &self,
+        name: &str,
+        position: u64,
+    ) -> Result<(), ProjectionError> {
         self.projector(name)?
             .wait_for(position, self.inner.config.command_timeout())
             .await
@@ -436,8 +495,42 @@ impl Runtime {
     }
 
     /// Handles the parked event at `position` again; true if it succeeded (and was unparked).
-    pub async fn replay_dead_letter(&self, name: &str, position: u64) -> Result<bool, ProjectionError> {
+    pub async fn replay_dead_letter(
+        &self,
+        name: &str,
+        position: u64,
+    ) -> Result<bool, ProjectionError> {
         self.projector(name)?.replay_dead_letter(position).await
+    }
+
+    /// Whether [`shutdown`](Runtime::shutdown) has begun.
+    pub fn is_stopping(&self) -> bool {
+        !self.inner.accepting.load(Ordering::Acquire)
+    }
+
+    fn saga_handle(&self, name: &str) -> Result<&SagaHandle, SagaError> {
+        self.inner
+            .sagas
+            .get(name)
+            .ok_or_else(|| SagaError::Unknown(name.to_owned()))
+    }
+
+    /// Where saga `name` stands.
+    pub fn saga_status(&self, name: &str) -> Result<SagaStatus, SagaError> {
+        Ok(self.saga_handle(name)?.status())
+    }
+
+    /// Waits until saga `name` has handled the whole log and has no command in flight (its
+    /// pending deadlines may still fire later). Fails if it stops, or after the command timeout.
+    pub async fn wait_for_saga_idle(&self, name: &str) -> Result<(), SagaError> {
+        self.saga_handle(name)?
+            .wait_idle(&self.inner.store, self.inner.config.command_timeout())
+            .await
+    }
+
+    /// Restarts a saga stopped by a handler error, at the input that failed.
+    pub async fn resume_saga(&self, name: &str) -> Result<(), SagaError> {
+        self.saga_handle(name)?.resume().await
     }
 
     async fn deliver<A: Aggregate>(
@@ -466,6 +559,11 @@ impl Runtime {
     pub async fn shutdown(&self) -> Result<(), RuntimeError> {
         if !self.inner.accepting.swap(false, Ordering::AcqRel) {
             return Ok(());
+        }
+        // Sagas first: a command they send during shutdown would fail and look like a failed
+        // step; stopped now, their outbox is re-sent (deduplicated) after the restart.
+        for saga in self.inner.sagas.values() {
+            saga.stop().await;
         }
         for (_, registered) in self.inner.types.values() {
             registered.stop_all().await;

@@ -401,15 +401,24 @@ impl Committer {
     ) -> Result<u64, StoreError> {
         let base = keys::stream_key(keys::SNAPSHOT, stream)?;
         let upper = keys::with_u64(&base, criteria.max_sequence);
-        let mut deleted = 0;
+        // Collect first: an undecodable snapshot must not leave half the deletions planned.
+        let mut doomed = Vec::new();
         for item in self.tree.range(base.clone()..=upper) {
             let (key, value) = item?;
-            let sequence = keys::trailing_u64(&key).unwrap_or(0);
-            let record = SnapshotRecord::decode(&value, stream, sequence)?;
-            if criteria.matches(record.sequence, record.timestamp_micros) {
-                plan.batch.remove(key);
-                deleted += 1;
+            // Without a time bound the key alone decides, so an undecodable snapshot can still
+            // be deleted (retention would otherwise fail on it forever).
+            let matches = criteria.max_timestamp_micros == u64::MAX || {
+                let sequence = keys::trailing_u64(&key).unwrap_or(0);
+                let record = SnapshotRecord::decode(&value, stream, sequence)?;
+                criteria.matches(record.sequence, record.timestamp_micros)
+            };
+            if matches {
+                doomed.push(key);
             }
+        }
+        let deleted = doomed.len() as u64;
+        for key in doomed {
+            plan.batch.remove(key);
         }
         plan.dirty |= deleted > 0;
         Ok(deleted)

@@ -10,6 +10,7 @@ mod committer;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -24,11 +25,12 @@ use crate::domain::StreamId;
 use committer::{Committer, WriteOp};
 
 /// When an acknowledged write is on disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "mode")]
 pub enum Durability {
     /// An acknowledged write has been flushed and fsynced: it survives a crash of the process
-    /// and of the machine. Concurrent writes share one fsync (group commit).
+    /// and of the machine. Concurrent writes share one fsync (group commit). The default.
+    #[default]
     Sync,
     /// An acknowledged write is in sled's memory and reaches disk within `flush_interval_ms`:
     /// a process or machine crash may lose the writes of that window (never part of one).
@@ -36,12 +38,6 @@ pub enum Durability {
         /// How often buffered writes are flushed and fsynced.
         flush_interval_ms: u64,
     },
-}
-
-impl Default for Durability {
-    fn default() -> Self {
-        Durability::Sync
-    }
 }
 
 /// How to open a [`SledStore`].
@@ -87,8 +83,9 @@ pub struct SledStore {
 }
 
 struct Shared {
-    /// `None` once closed: dropping the last tree handle releases sled's file lock, so a closed
-    /// store can be reopened in the same process.
+    /// `None` once closed: dropping the last tree handle releases sled's file lock (once its I/O
+    /// threads are done; `open` waits for that), so a closed store can be reopened in the same
+    /// process.
     tree: RwLock<Option<sled::Tree>>,
     writes: mpsc::UnboundedSender<WriteOp>,
     head: watch::Receiver<u64>,
@@ -100,13 +97,7 @@ impl SledStore {
     /// from a blocking context.
     pub fn open(config: SledStoreConfig) -> Result<Self, StoreError> {
         std::fs::create_dir_all(&config.path)?;
-        let db = sled::Config::new()
-            .path(&config.path)
-            .cache_capacity(config.cache_capacity_bytes)
-            // We flush (and fsync) ourselves: in `sync` mode once per group commit, in `buffered`
-            // mode on our own timer, so sled's background flusher would only add contention.
-            .flush_every_ms(None)
-            .open()?;
+        let db = open_db(&config)?;
         let tree = db.open_tree("incarnate")?;
         // sled 0.34's `flush()` ends in `sync_file_range`, which neither flushes the device's
         // write cache nor the file's metadata (sled #1351, #1452): we fsync the data file
@@ -170,6 +161,39 @@ impl SledStore {
             .await
             .map_err(|e| StoreError::Storage(format!("read task failed: {e}")))?
     }
+}
+
+/// How long [`SledStore::open`] waits for the database's file lock. sled's I/O threads finish
+/// their last writes and file truncations after its last handle is dropped, holding the file (and
+/// its lock) a moment longer, so a reopen right after [`EventStore::close`] can find it still
+/// locked. Another process holding the database makes `open` fail after this long.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
+
+fn open_db(config: &SledStoreConfig) -> Result<sled::Db, StoreError> {
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let opened = sled::Config::new()
+            .path(&config.path)
+            .cache_capacity(config.cache_capacity_bytes)
+            // We flush (and fsync) ourselves: in `sync` mode once per group commit, in `buffered`
+            // mode on our own timer, so sled's background flusher would only add contention.
+            .flush_every_ms(None)
+            .open();
+        match opened {
+            // sled takes the lock before it starts anything, so a refused open left nothing behind.
+            Err(sled::Error::Io(e)) if is_lock_conflict(&e) && started.elapsed() < LOCK_WAIT => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
+/// sled 0.34 reports a held lock as an `Other` I/O error with this message (`config.rs`).
+fn is_lock_conflict(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::Other && e.to_string().starts_with("could not acquire lock")
 }
 
 pub(crate) fn read_meta(

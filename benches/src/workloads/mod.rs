@@ -1,0 +1,71 @@
+//! The workloads, one module each. A workload runs one round at a time and returns its samples;
+//! the driver repeats it, takes medians and reports. To add one: write a module with a
+//! `WORKLOAD` constant and list it in [`all`].
+
+pub(crate) mod store_append_buffered;
+pub(crate) mod store_append_sync;
+pub(crate) mod support;
+
+use tokio::runtime::Runtime;
+
+use crate::BoxError;
+
+/// Every workload, in the order they run.
+pub(crate) fn all() -> Vec<Workload> {
+    vec![store_append_sync::WORKLOAD, store_append_buffered::WORKLOAD]
+}
+
+/// How big a run is.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    /// Rounds per metric (medians are taken over them).
+    pub(crate) rounds: usize,
+    /// Events (or commands) per round, for workloads that count them.
+    pub(crate) events: usize,
+}
+
+impl Settings {
+    pub(crate) fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                rounds: 3,
+                events: 5_000,
+            }
+        } else {
+            Self {
+                rounds: 5,
+                events: 20_000,
+            }
+        }
+    }
+}
+
+/// Which direction of a figure is good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Better {
+    Higher,
+    #[allow(dead_code)] // For the latency workloads to come.
+    Lower,
+}
+
+/// One figure of one round: incarnate's, and the baseline's measured in the same round.
+#[derive(Debug, Clone)]
+pub(crate) struct Sample {
+    pub(crate) name: &'static str,
+    pub(crate) unit: &'static str,
+    pub(crate) better: Better,
+    pub(crate) value: f64,
+    pub(crate) baseline: Option<f64>,
+}
+
+/// Runs round number `round` (from 0) and returns its samples.
+pub(crate) type RoundFn = fn(&Runtime, &Settings, usize) -> Result<Vec<Sample>, BoxError>;
+
+/// A named workload.
+pub(crate) struct Workload {
+    /// The name `--only` selects; also the name of its main metric.
+    pub(crate) name: &'static str,
+    /// One line for `--list`.
+    pub(crate) about: &'static str,
+    pub(crate) run_round: RoundFn,
+}
