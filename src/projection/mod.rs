@@ -113,7 +113,7 @@ impl EventFilter {
                 .aggregate_types
                 .iter()
                 .any(|t| **t == *e.stream.aggregate_type))
-            && (self.event_types.is_empty() || self.event_types.iter().any(|t| *t == e.event_type))
+            && (self.event_types.is_empty() || self.event_types.contains(&e.event_type))
     }
 }
 

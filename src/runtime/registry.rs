@@ -5,7 +5,7 @@
 //! Placement (which arbiter hosts an id) is decided here and only here: the seam where a
 //! distributed placement would go.
 
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -175,10 +175,8 @@ impl<A: Aggregate> TypeShared<A> {
 
     /// The arbiter that hosts `id`: a stable hash, so one id always lands on one thread.
     fn place(&self, id: &AggregateId) -> Result<&ArbiterHandle, RuntimeError> {
-        let mut hasher = self.registry.hasher().build_hasher();
-        id.hash(&mut hasher);
         let n = self.arbiters.len().max(1) as u64;
-        let index = usize::try_from(hasher.finish() % n).unwrap_or(0);
+        let index = usize::try_from(self.registry.hasher().hash_one(id) % n).unwrap_or(0);
         self.arbiters.get(index).ok_or(RuntimeError::Stopped)
     }
 

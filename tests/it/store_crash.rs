@@ -1,0 +1,196 @@
+//! J7 under a real crash: a child process appends in `sync` mode and is SIGKILLed mid-write;
+//! after reopening, every acknowledged append is there and no multi-event append is partial.
+//!
+//! The child is this test binary run again on the ignored test [`crash_child`], with the database
+//! path in [`CHILD_ENV`]. It prints `ACK <writer> <last sequence>` (flushed) after each
+//! acknowledged append; the parent kills it after a varying number of acks, reads the lines the
+//! pipe still holds (all acknowledged before death), reopens the store and checks it. Rounds
+//! share one database, so each child continues the streams the previous one left.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use incarnate::{AppendRequest, EventStore, SledStore, StreamId};
+
+use crate::support::{account, events_for, open_sled, payload_of, read_all, read_whole_log};
+
+/// Carries the database path to the child; the child test does nothing without it.
+const CHILD_ENV: &str = "INCARNATE_CRASH_CHILD";
+const CHILD_TEST: &str = "store_crash::crash_child";
+const WRITERS: usize = 4;
+/// Events per append: a store that exposed part of an append would leave a stream's length off
+/// this multiple.
+const EVENTS_PER_APPEND: u64 = 3;
+const ROUNDS: usize = 5;
+/// Bounds the child's work if it is somehow never killed.
+const MAX_APPENDS_PER_WRITER: u64 = 5_000;
+
+fn writer_stream(w: usize) -> StreamId {
+    account(&format!("crash-{w}"))
+}
+
+/// A small xorshift generator: kill points vary between runs, and the seed is in every failure
+/// message so a failing run can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[test]
+fn sigkill_during_sync_appends_loses_no_acknowledged_append_and_no_partial_one() {
+    let seed = std::env::var("INCARNATE_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| crate::support::now_micros() | 1);
+    let mut rng = Rng(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let exe = std::env::current_exe().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    // The highest acknowledged sequence of each writer over every round so far.
+    let mut acked = vec![0u64; WRITERS];
+
+    for round in 0..ROUNDS {
+        let kill_after = 20 + rng.next() % 181;
+        let context = format!("seed {seed}, round {round}, kill after {kill_after} acks");
+        let mut child = Command::new(&exe)
+            .args([CHILD_TEST, "--exact", "--ignored", "--nocapture"])
+            .args(["--test-threads", "1"])
+            .env(CHILD_ENV, &path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut stderr = child.stderr.take().unwrap();
+        let stderr = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text);
+            text
+        });
+
+        let mut acks = 0u64;
+        let mut killed = false;
+        // Reading to the end also collects the acks still in the pipe after the kill: each was
+        // printed after its append returned, so each must have survived.
+        for line in stdout.lines() {
+            let line = line.unwrap();
+            let Some(rest) = line.strip_prefix("ACK ") else {
+                continue;
+            };
+            let (w, last) = rest.split_once(' ').unwrap();
+            let (w, last): (usize, u64) = (w.parse().unwrap(), last.parse().unwrap());
+            assert!(last > acked[w], "{context}: writer {w} acked {last} twice");
+            acked[w] = last;
+            acks += 1;
+            if acks == kill_after && !killed {
+                child.kill().unwrap(); // SIGKILL: no destructors, no flush
+                killed = true;
+            }
+        }
+        let status = child.wait().unwrap();
+        let stderr = stderr.join().unwrap();
+        assert!(
+            killed,
+            "{context}: the child exited after {acks} acks ({status}):\n{stderr}"
+        );
+        assert!(!status.success(), "{context}: the child was not killed");
+
+        runtime.block_on(check_recovered(&path, &acked, &context));
+    }
+    assert!(acked.iter().all(|&a| a > 0), "seed {seed}: {acked:?}");
+}
+
+/// Reopens the database and checks it against what the children acknowledged.
+async fn check_recovered(path: &Path, acked: &[u64], context: &str) {
+    let store = open_sled(path);
+    let mut total = 0;
+    let mut by_stream = HashMap::new();
+    for (w, &acked) in acked.iter().enumerate() {
+        let stream = writer_stream(w);
+        let slice = read_all(&store, &stream).await;
+        let highest = slice.highest_sequence;
+        assert!(
+            highest >= acked,
+            "{context}: writer {w} acked {acked} but the store has {highest}"
+        );
+        assert_eq!(
+            highest % EVENTS_PER_APPEND,
+            0,
+            "{context}: writer {w} has a partial append"
+        );
+        assert_eq!(slice.events.len() as u64, highest, "{context}: writer {w}");
+        for (e, sequence) in slice.events.iter().zip(1..) {
+            assert_eq!(e.sequence, sequence, "{context}: writer {w} is not dense");
+            assert_eq!(e.payload, payload_of(&stream, sequence), "{context}");
+        }
+        by_stream.insert(stream, highest);
+        total += highest;
+    }
+    assert_eq!(store.head(), total, "{context}");
+    let log = read_whole_log(&store).await;
+    assert_eq!(log.len() as u64, total, "{context}");
+    let mut seen: HashMap<StreamId, u64> = HashMap::new();
+    for (e, position) in log.iter().zip(1..) {
+        assert_eq!(e.position, position, "{context}: the log is not dense");
+        let last = seen.entry(e.stream.clone()).or_default();
+        assert_eq!(
+            e.sequence,
+            *last + 1,
+            "{context}: {} out of order",
+            e.stream
+        );
+        *last = e.sequence;
+    }
+    assert_eq!(seen, by_stream, "{context}");
+    store.close().await.unwrap();
+}
+
+/// The crashing child: appends forever (well, up to a bound) until killed. Run only by the test
+/// above, which names it exactly and sets [`CHILD_ENV`].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by the crash test in a child process"]
+async fn crash_child() {
+    let Some(path) = std::env::var_os(CHILD_ENV) else {
+        return;
+    };
+    // If the parent dies, stdin closes: stop rather than outlive it.
+    std::thread::spawn(|| {
+        let _ = std::io::stdin().read_to_end(&mut Vec::new());
+        std::process::exit(3);
+    });
+    let store = Arc::new(open_sled(Path::new(&path)));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| tokio::spawn(child_writer(store.clone(), w)))
+        .collect();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    store.close().await.unwrap();
+}
+
+async fn child_writer(store: Arc<SledStore>, w: usize) {
+    let stream = writer_stream(w);
+    let mut version = store.highest_sequence(&stream).await.unwrap();
+    for _ in 0..MAX_APPENDS_PER_WRITER {
+        let events = events_for(&stream, version + 1, EVENTS_PER_APPEND);
+        let done = store
+            .append(AppendRequest::new(stream.clone(), version, events))
+            .await
+            .unwrap();
+        version = done.last_sequence;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "ACK {w} {version}").unwrap();
+        out.flush().unwrap();
+    }
+}
