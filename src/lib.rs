@@ -2,24 +2,47 @@
 //!
 //! A runtime in which every event-sourced aggregate is a live actor.
 //!
+//! - [`Aggregate`]: a plain type that decides ([`Aggregate::handle`]) and evolves
+//!   ([`Aggregate::apply`]), with typed commands, events ([`DomainEvent`], stable tags and
+//!   schema versions) and domain errors. Pure: test it with [`testing::AggregateTest`].
+//! - [`Runtime`]: hosts aggregates as actix actors, activated on their first message from the
+//!   latest snapshot and later events, passivated when idle. [`Runtime::send`] runs a command
+//!   through the aggregate's mailbox and returns once its events are stored.
+//! - [`EventStore`]: atomic appends with optimistic concurrency, a gap-free global log,
+//!   snapshots, idempotency records and key-value tables. [`SledStore`] is the embedded durable
+//!   default; [`MemoryStore`] keeps everything in memory.
+//! - [`Projector`]: read models fed from the global log with exactly-once checkpoints.
+//! - [`ProcessManager`]: sagas with persisted state, deterministic command ids, durable
+//!   deadlines and compensation.
+//!
+//! What it is not: a cluster. One process owns its store; the [`EventStore`] trait is shaped so
+//! that a distributed log can back the same API later.
+//!
 //! ```
-//! use incarnate::{AppendRequest, EventStore, MemoryStore, NewEvent, StreamId};
+//! use incarnate::{Backend, CommandError, Runtime};
+//! use incarnate_actors::{Account, AccountCommand, AccountError};
 //!
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
-//! let store = MemoryStore::new();
-//! let stream = StreamId::new("account", "alice");
-//! let event = NewEvent {
-//!     event_id: uuid::Uuid::now_v7(),
-//!     event_type: "Opened".into(),
-//!     schema_version: 1,
-//!     causation: Default::default(),
-//!     payload: vec![1, 2, 3],
-//! };
-//! let done = store.append(AppendRequest::new(stream.clone(), 0, vec![event])).await?;
-//! assert_eq!(done.last_sequence, 1);
-//! let slice = store.read_stream(&stream, 1, u64::MAX, 10).await?;
-//! assert_eq!(slice.events[0].payload, vec![1, 2, 3]);
-//! # Ok::<(), incarnate::StoreError>(())
+//! let rt = Runtime::builder()
+//!     .configure(|c| c.store.backend = Backend::Memory) // sled (durable) by default
+//!     .register::<Account>()
+//!     .build()?;
+//!
+//! rt.send::<Account>("alice", AccountCommand::Open { owner: "Alice".into() }).await?;
+//! let done = rt.send::<Account>("alice", AccountCommand::Deposit { amount: 500 }).await?;
+//! assert_eq!(done.version, 2);
+//!
+//! let refused = rt.send::<Account>("alice", AccountCommand::Withdraw { amount: 900 }).await;
+//! assert!(matches!(
+//!     refused,
+//!     Err(CommandError::Rejected(AccountError::InsufficientFunds { balance: 500, requested: 900 }))
+//! ));
+//!
+//! // Every committed event is in the global log, in commit order.
+//! let log = rt.store().read_log(1, 10).await?;
+//! assert_eq!(log.len(), 2);
+//! rt.shutdown().await?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! # }).unwrap();
 //! ```
 
@@ -29,6 +52,11 @@ mod runtime;
 mod saga;
 mod store;
 pub mod testing;
+
+/// The README's examples, compiled and run as doc tests so they stay true.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
 
 pub use domain::{Aggregate, AggregateId, DomainEvent, StreamId};
 pub use projection::{
