@@ -48,9 +48,10 @@ pub struct Config {
     pub aggregates: AggregateTables,
 }
 
-/// The `[aggregates]` tables.
+/// The `[aggregates]` tables. (No `deny_unknown_fields` here: serde cannot combine it with
+/// `flatten`; each override table still rejects unknown keys.)
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct AggregateTables {
     /// Settings for every aggregate type.
     pub default: AggregateSettings,

@@ -266,6 +266,7 @@ impl RuntimeBuilder {
                 types,
                 projectors,
                 sagas,
+                arbiters: setup.arbiters.clone(),
                 accepting: AtomicBool::new(true),
                 system: Mutex::new(Some(system)),
             }
@@ -301,6 +302,7 @@ struct Inner {
     types: HashMap<TypeId, (&'static str, Box<dyn RegisteredType>)>,
     projectors: HashMap<&'static str, ProjectorHandle>,
     sagas: HashMap<&'static str, SagaHandle>,
+    arbiters: Arc<[ArbiterHandle]>,
     accepting: AtomicBool,
     system: Mutex<Option<actix::System>>,
 }
@@ -543,9 +545,28 @@ impl Runtime {
             return Err(RuntimeError::Stopped.into());
         }
         let shared = self.shared_arc::<A>()?;
-        match tokio::time::timeout(timeout, shared.dispatch(id, kind)).await {
-            Ok(result) => result,
-            Err(_) => Err(RuntimeError::Timeout {
+        let dispatch = shared.dispatch(id, kind);
+        let finished = if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::time::timeout(timeout, dispatch).await.ok()
+        } else {
+            // A caller outside any tokio runtime (e.g. `futures::executor::block_on` on a plain
+            // thread) has no timer of its own: the timer runs on an actor thread instead.
+            let (fire, fired) = oneshot::channel::<()>();
+            if let Some(arbiter) = self.inner.arbiters.first() {
+                arbiter.spawn(async move {
+                    tokio::time::sleep(timeout).await;
+                    let _ = fire.send(());
+                });
+            }
+            futures::pin_mut!(dispatch);
+            match futures::future::select(dispatch, fired).await {
+                futures::future::Either::Left((result, _)) => Some(result),
+                futures::future::Either::Right(_) => None,
+            }
+        };
+        match finished {
+            Some(result) => result,
+            None => Err(RuntimeError::Timeout {
                 stream: StreamId::new(A::TYPE, id.clone()),
                 after: timeout,
             }
