@@ -106,7 +106,13 @@ pub(super) struct Committer {
     config: SledStoreConfig,
     head: u64,
     head_tx: watch::Sender<u64>,
+    /// Stream metadata of recently written streams. The committer is the only writer, so the
+    /// cache is always exact; it saves a tree read per append.
+    metas: HashMap<Vec<u8>, StreamMeta>,
 }
+
+/// Streams whose metadata the committer keeps in memory before it starts over.
+const META_CACHE: usize = 1 << 20;
 
 /// The writes of one group commit, planned before they are applied.
 struct Plan {
@@ -136,6 +142,7 @@ impl Committer {
             config,
             head,
             head_tx,
+            metas: HashMap::new(),
         }
     }
 
@@ -288,7 +295,7 @@ impl Committer {
         meta_key: &[u8],
         stream: &StreamId,
     ) -> Result<StreamMeta, StoreError> {
-        match plan.metas.get(meta_key) {
+        match plan.metas.get(meta_key).or_else(|| self.metas.get(meta_key)) {
             Some(meta) => Ok(*meta),
             None => read_meta(&self.tree, meta_key, stream),
         }
@@ -356,8 +363,8 @@ impl Committer {
             last_position: position,
         };
         if sequence != meta.highest {
+            // No metadata write: the new index entries carry the highest sequence.
             meta.highest = sequence;
-            plan.batch.insert(meta_key.clone(), meta.encode().to_vec());
             plan.metas.insert(meta_key, meta);
         }
         plan.next_head = position;
@@ -480,9 +487,15 @@ impl Committer {
         // Once applied, the batch's positions are taken whatever the fsync said: reusing them
         // would overwrite events that may already be on disk. Its callers still get an error,
         // because its durability is unknown.
-        if applied && plan.next_head != self.head {
-            self.head = plan.next_head;
-            self.head_tx.send_replace(self.head);
+        if applied {
+            if self.metas.len() + plan.metas.len() > META_CACHE {
+                self.metas.clear();
+            }
+            self.metas.extend(plan.metas.drain());
+            if plan.next_head != self.head {
+                self.head = plan.next_head;
+                self.head_tx.send_replace(self.head);
+            }
         }
         match outcome {
             Ok(()) => plan.replies.into_iter().for_each(Pending::send),

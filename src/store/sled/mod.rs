@@ -196,15 +196,25 @@ fn is_lock_conflict(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::Other && e.to_string().starts_with("could not acquire lock")
 }
 
+/// A stream's metadata. The highest sequence is the larger of the last index entry and the one
+/// recorded at the last deletion, so appends never write metadata (one insert less per event);
+/// only `delete_to` records it, because deletion may remove the last index entries.
 pub(crate) fn read_meta(
     tree: &sled::Tree,
     meta_key: &[u8],
     stream: &StreamId,
 ) -> Result<StreamMeta, StoreError> {
-    match tree.get(meta_key)? {
-        Some(bytes) => StreamMeta::decode(&bytes, stream),
-        None => Ok(StreamMeta::default()),
+    let mut meta = match tree.get(meta_key)? {
+        Some(bytes) => StreamMeta::decode(&bytes, stream)?,
+        None => StreamMeta::default(),
+    };
+    let index = keys::stream_key(keys::STREAM, stream)?;
+    if let Some(item) = tree.scan_prefix(&index).next_back() {
+        let (key, _) = item?;
+        let last = keys::trailing_u64(&key).unwrap_or(0);
+        meta.highest = meta.highest.max(last);
     }
+    Ok(meta)
 }
 
 fn decode_position(bytes: &[u8], stream: &StreamId, sequence: u64) -> Result<u64, StoreError> {
