@@ -32,6 +32,7 @@
 
 pub mod account;
 pub mod balances;
+pub mod order;
 pub mod transfer;
 
 pub use account::{Account, AccountCommand, AccountError, AccountEvent, AccountStatus};

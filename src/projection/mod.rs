@@ -211,7 +211,8 @@ pub struct ProjectionStatus {
     pub checkpoint: u64,
     /// The last position whose read-model writes are committed (`>= checkpoint`).
     pub processed: u64,
-    /// The store's head when last observed.
+    /// The store's head when the status was read (it keeps moving while the projector is
+    /// stopped or busy).
     pub head: u64,
     /// `head - processed`.
     pub lag: u64,
@@ -228,7 +229,7 @@ pub struct ProjectionStatus {
 pub enum ProjectorState {
     /// Following the log.
     Running,
-    /// Replaying from the start after a reset.
+    /// Replaying from the start after a reset, until the head there was at the reset.
     Rebuilding,
     /// Stopped by its failure strategy (with the error) or by shutdown.
     Stopped(String),

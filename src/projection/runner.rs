@@ -37,6 +37,8 @@ pub(crate) struct ProjectorHandle {
     name: &'static str,
     control: mpsc::UnboundedSender<Control>,
     status: watch::Receiver<ProjectionStatus>,
+    /// The store's head, so the lag of a stopped or busy projector is current.
+    head: watch::Receiver<u64>,
 }
 
 impl ProjectorHandle {
@@ -45,7 +47,12 @@ impl ProjectorHandle {
     }
 
     pub(crate) fn status(&self) -> ProjectionStatus {
-        self.status.borrow().clone()
+        let mut status = self.status.borrow().clone();
+        // The runner publishes only when it moves: a stopped (or busy) projector falls behind
+        // without publishing, so the head and lag are taken from the store now.
+        status.head = status.head.max(*self.head.borrow());
+        status.lag = status.head.saturating_sub(status.processed);
+        status
     }
 
     fn stopped(&self, reason: &str) -> ProjectionError {
@@ -132,6 +139,7 @@ pub(crate) fn spawn_projector<P: Projector>(
         skipped: 0,
         state: ProjectorState::Running,
     });
+    let head = store.watch_head();
     let runner = Runner {
         filter: projector.filter(),
         projector,
@@ -155,6 +163,7 @@ pub(crate) fn spawn_projector<P: Projector>(
         name,
         control: control_tx,
         status: status_rx,
+        head,
     }
 }
 
@@ -317,6 +326,9 @@ impl<P: Projector> Runner<P> {
     /// Reads one batch after `processed`, handles it and commits.
     async fn step(&mut self) {
         let name = self.projector.name();
+        // The head before the read: every event up to it is visible to the read, while events
+        // committed after it may be missed by the read and must not be jumped over.
+        let head = self.store.head();
         let events = match self
             .store
             .read_log(self.processed + 1, self.options.batch_size.max(1))
@@ -330,8 +342,8 @@ impl<P: Projector> Runner<P> {
             }
         };
         if events.is_empty() {
-            // Every position up to the head was deleted.
-            self.processed = self.store.head();
+            // Every position up to `head` was deleted.
+            self.processed = self.processed.max(head);
             return;
         }
         let mut tx = ReadModelTx::new(self.store.clone());
@@ -396,6 +408,14 @@ impl<P: Projector> Runner<P> {
         self.processed = last;
         self.handled += handled;
         self.skipped += parked;
+        if self
+            .rebuild_until
+            .is_some_and(|until| self.processed >= until)
+        {
+            // The history there was at the reset is replayed: publish the end of the rebuild
+            // with the batch that completes it, not one loop turn later.
+            self.rebuild_until = None;
+        }
         self.publish();
         let status = self.status.borrow();
         tracing::debug!(

@@ -674,12 +674,19 @@ async fn load<A: Aggregate>(
         stream: stream.clone(),
         reason,
     };
+    // A failed read fails the activation (the next request retries it); a closed store means
+    // the runtime is shutting down.
+    let read_failed = |e: StoreError| match e {
+        StoreError::Closed => RuntimeError::Stopped,
+        e => activation(format!("cannot read the stream: {e}")),
+    };
     let mut state = A::default();
     let mut version = 0;
     let mut snapshot = 0;
     if let Some(record) = store
         .latest_snapshot(&stream, SnapshotCriteria::latest())
-        .await?
+        .await
+        .map_err(read_failed)?
     {
         let decoded = if record.schema_version == A::SNAPSHOT_VERSION {
             rmp_serde::from_slice::<A>(&record.payload).map_err(|e| e.to_string())
@@ -704,7 +711,8 @@ async fn load<A: Aggregate>(
     let highest = loop {
         let slice = store
             .read_stream(&stream, version + 1, u64::MAX, REPLAY_PAGE)
-            .await?;
+            .await
+            .map_err(read_failed)?;
         let page = slice.events.len();
         for envelope in slice.events {
             if envelope.sequence != version + 1 {
@@ -744,7 +752,7 @@ async fn load<A: Aggregate>(
             version + 1
         )));
     }
-    let records = store.command_records(&stream).await?;
+    let records = store.command_records(&stream).await.map_err(read_failed)?;
     shared.stats.activated();
     Ok(Loaded {
         state,

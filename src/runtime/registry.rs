@@ -31,8 +31,12 @@ const MAX_BOUNCES: usize = 32;
 pub(crate) struct Slot<A: Aggregate> {
     addr: Addr<AggregateActor<A>>,
     incarnation: u64,
-    /// Milliseconds since the runtime started, at the last delivery.
+    /// Milliseconds since the runtime started, at the last delivery (for the idle timeout).
     last_used: AtomicU64,
+    /// The type's use counter at the last delivery: a strict recency order for the live limit.
+    /// Milliseconds alone tie, and a tie could pick a just-activated actor as the "least
+    /// recently used" one, which ignores the request while it recovers.
+    last_use: AtomicU64,
 }
 
 /// Counters of one aggregate type.
@@ -83,6 +87,7 @@ pub(crate) struct TypeShared<A: Aggregate> {
     registry: DashMap<AggregateId, Slot<A>>,
     arbiters: Arc<[ArbiterHandle]>,
     incarnations: AtomicU64,
+    uses: AtomicU64,
     started: Instant,
     live: AtomicUsize,
     sweep_now: Notify,
@@ -103,6 +108,7 @@ impl<A: Aggregate> TypeShared<A> {
             registry: DashMap::new(),
             arbiters,
             incarnations: AtomicU64::new(0),
+            uses: AtomicU64::new(0),
             started: Instant::now(),
             live: AtomicUsize::new(0),
             sweep_now: Notify::new(),
@@ -129,8 +135,10 @@ impl<A: Aggregate> TypeShared<A> {
         id: &AggregateId,
     ) -> Result<(Addr<AggregateActor<A>>, u64), RuntimeError> {
         let now = self.now_ms();
+        let tick = self.uses.fetch_add(1, Ordering::Relaxed) + 1;
         if let Some(slot) = self.registry.get(id) {
             slot.last_used.store(now, Ordering::Relaxed);
+            slot.last_use.fetch_max(tick, Ordering::Relaxed);
             return Ok((slot.addr.clone(), slot.incarnation));
         }
         let arbiter = self.place(id)?;
@@ -139,6 +147,7 @@ impl<A: Aggregate> TypeShared<A> {
             Entry::Occupied(o) => {
                 let slot = o.get();
                 slot.last_used.store(now, Ordering::Relaxed);
+                slot.last_use.fetch_max(tick, Ordering::Relaxed);
                 return Ok((slot.addr.clone(), slot.incarnation));
             }
             Entry::Vacant(v) => {
@@ -160,6 +169,7 @@ impl<A: Aggregate> TypeShared<A> {
                     addr: Addr::new(tx),
                     incarnation,
                     last_used: AtomicU64::new(now),
+                    last_use: AtomicU64::new(tick),
                 };
                 let out = (slot.addr.clone(), incarnation);
                 v.insert(slot);
@@ -269,7 +279,7 @@ impl<A: Aggregate> TypeShared<A> {
             if idle_ms > 0 && now.saturating_sub(last) >= idle_ms {
                 slot.addr.do_send(Passivate { force: false });
             } else if over > 0 {
-                by_age.push((last, slot.addr.clone()));
+                by_age.push((slot.last_use.load(Ordering::Relaxed), slot.addr.clone()));
             }
         }
         if over > 0 {

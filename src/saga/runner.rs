@@ -254,13 +254,15 @@ impl<P: ProcessManager> Runner<P> {
                 self.on_outcome(msg).await;
                 continue;
             }
+            // The log before the deadlines: an event already committed (a payment, a cancellation
+            // recorded before a crash) must be handled before a deadline it may cancel fires.
+            if self.checkpoint < self.store().head() {
+                self.step().await;
+                continue;
+            }
             let now = self.setup.clock.now_ms();
             if self.next_deadline.is_some_and(|due| due <= now) {
                 self.fire_deadlines().await;
-                continue;
-            }
-            if self.checkpoint < self.store().head() {
-                self.step().await;
                 continue;
             }
             self.publish();

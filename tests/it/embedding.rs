@@ -41,7 +41,10 @@ fn bad_configuration_is_a_typed_error() {
     ));
     assert!(matches!(
         Config::from_toml("[aggregates.default]\nmailbox_capacity = 0\n"),
-        Err(ConfigError::Invalid { key: "aggregates.mailbox_capacity", .. })
+        Err(ConfigError::Invalid {
+            key: "aggregates.mailbox_capacity",
+            ..
+        })
     ));
     assert!(matches!(
         Config::from_file("/nonexistent/incarnate.toml"),

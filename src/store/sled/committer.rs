@@ -295,7 +295,11 @@ impl Committer {
         meta_key: &[u8],
         stream: &StreamId,
     ) -> Result<StreamMeta, StoreError> {
-        match plan.metas.get(meta_key).or_else(|| self.metas.get(meta_key)) {
+        match plan
+            .metas
+            .get(meta_key)
+            .or_else(|| self.metas.get(meta_key))
+        {
             Some(meta) => Ok(*meta),
             None => read_meta(&self.tree, meta_key, stream),
         }

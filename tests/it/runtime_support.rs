@@ -1,0 +1,712 @@
+//! Helpers of the runtime tests: runtimes on a temporary sled directory with test-sized limits,
+//! a fault-injecting [`EventStore`] wrapper, test-only aggregates, and small async utilities.
+//!
+//! The wrapper ([`FaultStore`]) injects faults at the storage boundary only: every call that is
+//! not told to fail or wait goes to a real store (sled or memory), so the runtime under test is
+//! the real one, recovering from real data.
+// Shared helpers: not every test module uses every one.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use incarnate::{
+    Aggregate, AppendRequest, AppendResult, CommandError, CommandRecord, Committed, Config,
+    DomainEvent, DurabilityMode, EventEnvelope, EventStore, KvWrite, NewEvent, Runtime,
+    RuntimeError, SledStore, SnapshotCriteria, SnapshotRecord, StoreError, StreamId, StreamSlice,
+};
+use incarnate_actors::account::Account;
+use serde::{Deserialize, Serialize};
+use tempfile::TempDir;
+use tokio::sync::watch;
+
+/// How long a test waits for a signal or an asynchronous effect before failing.
+pub(crate) const SIGNAL_TIMEOUT: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------------------------------------
+// Runtimes on a temporary directory
+// ---------------------------------------------------------------------------------------------
+
+/// A temporary sled directory that outlives the runtimes built on it, so a test can shut one
+/// down (which closes the store) and build the next one on the same data: a real restart.
+pub(crate) struct Node {
+    path: PathBuf,
+    _dir: TempDir,
+}
+
+impl Node {
+    pub(crate) fn new() -> Self {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        Self {
+            path: dir.path().join("db"),
+            _dir: dir,
+        }
+    }
+
+    /// The sled database directory.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The test configuration on this directory, changed by `f`.
+    pub(crate) fn config(&self, f: impl FnOnce(&mut Config)) -> Config {
+        let mut config = test_config(&self.path);
+        f(&mut config);
+        config
+    }
+
+    /// A runtime with the test configuration.
+    pub(crate) fn runtime(&self) -> Runtime {
+        self.runtime_with(|_| {})
+    }
+
+    /// A runtime with the test configuration changed by `f`, hosting every test aggregate.
+    pub(crate) fn runtime_with(&self, f: impl FnOnce(&mut Config)) -> Runtime {
+        register_all(Runtime::builder().config(self.config(f)))
+            .build()
+            .expect("build the runtime")
+    }
+
+    /// A runtime whose sled store is wrapped in a [`FaultStore`]; the returned handle arms the
+    /// faults.
+    pub(crate) fn faulty_runtime_with(
+        &self,
+        f: impl FnOnce(&mut Config),
+    ) -> (Runtime, Arc<Faults>) {
+        let config = self.config(f);
+        let sled = SledStore::open(config.store.sled_config()).expect("open the sled store");
+        let (store, faults) = FaultStore::wrap(sled);
+        let rt = register_all(Runtime::builder().config(config).store(store))
+            .build()
+            .expect("build the runtime");
+        (rt, faults)
+    }
+
+    pub(crate) fn faulty_runtime(&self) -> (Runtime, Arc<Faults>) {
+        self.faulty_runtime_with(|_| {})
+    }
+}
+
+/// The configuration every runtime test starts from: the sled store at `path` in `sync`
+/// durability, two actor threads, a command timeout short enough that a lost reply fails the
+/// test instead of hanging it, and no idle passivation unless a test asks for it.
+pub(crate) fn test_config(path: &Path) -> Config {
+    let mut c = Config::default();
+    c.store.path = path.to_path_buf();
+    c.store.durability = DurabilityMode::Sync;
+    c.store.cache_capacity_mb = 16;
+    c.runtime.arbiters = 2;
+    c.runtime.command_timeout_ms = 15_000;
+    c.aggregates.default.idle_timeout_ms = 0;
+    c
+}
+
+fn register_all(builder: incarnate::RuntimeBuilder) -> incarnate::RuntimeBuilder {
+    builder
+        .register::<Account>()
+        .register::<Tally>()
+        .register::<Fragile>()
+}
+
+/// Shuts a runtime down and fails the test if that fails.
+pub(crate) async fn shutdown(rt: Runtime) {
+    rt.shutdown().await.expect("shutdown");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Test aggregates
+// ---------------------------------------------------------------------------------------------
+
+/// A counter with an order-sensitive digest: the smallest aggregate on which lost, duplicated
+/// or reordered events all show.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct Tally {
+    /// Sum of every value added.
+    pub(crate) total: u64,
+    /// Number of values added.
+    pub(crate) count: u64,
+    /// Order-sensitive fold of every value added.
+    pub(crate) digest: u64,
+    /// Events applied by this incarnation (not persisted, not compared): after a recovery it is
+    /// the number of events replayed on top of the snapshot.
+    #[serde(skip)]
+    pub(crate) applied: u64,
+}
+
+impl PartialEq for Tally {
+    fn eq(&self, other: &Self) -> bool {
+        (self.total, self.count, self.digest) == (other.total, other.count, other.digest)
+    }
+}
+
+impl Tally {
+    /// The state after adding `values` in order.
+    pub(crate) fn of(values: impl IntoIterator<Item = u64>) -> Self {
+        let mut state = Self::default();
+        for v in values {
+            state.apply(&TallyEvent::Added(v));
+        }
+        state.applied = 0;
+        state
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum TallyCommand {
+    /// Adds one value (rejected if 0).
+    Add(u64),
+    /// Adds every value in one command: one event each, all or none (rejected if any is 0).
+    AddAll(Vec<u64>),
+    /// Adds `add` unless the total would exceed `limit`.
+    AddAtMost { add: u64, limit: u64 },
+    /// Emits nothing.
+    Nothing,
+    /// `handle` panics.
+    Panic,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum TallyEvent {
+    Added(u64),
+}
+
+impl DomainEvent for TallyEvent {
+    fn event_type(&self) -> &'static str {
+        "Added"
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub(crate) enum TallyError {
+    #[error("zero is not a value")]
+    Zero,
+    #[error("total {total} + {add} exceeds {limit}")]
+    OverLimit { total: u64, add: u64, limit: u64 },
+}
+
+pub(crate) const HANDLE_PANIC_MESSAGE: &str = "tally handle panicked on purpose";
+
+impl Aggregate for Tally {
+    const TYPE: &'static str = "tally";
+    type Command = TallyCommand;
+    type Event = TallyEvent;
+    type Error = TallyError;
+
+    fn handle(&self, command: &TallyCommand) -> Result<Vec<TallyEvent>, TallyError> {
+        match command {
+            TallyCommand::Add(0) => Err(TallyError::Zero),
+            TallyCommand::Add(v) => Ok(vec![TallyEvent::Added(*v)]),
+            TallyCommand::AddAll(values) => {
+                if values.contains(&0) {
+                    return Err(TallyError::Zero);
+                }
+                Ok(values.iter().map(|v| TallyEvent::Added(*v)).collect())
+            }
+            TallyCommand::AddAtMost { add, limit } => {
+                if self.total + add > *limit {
+                    return Err(TallyError::OverLimit {
+                        total: self.total,
+                        add: *add,
+                        limit: *limit,
+                    });
+                }
+                Ok(vec![TallyEvent::Added(*add)])
+            }
+            TallyCommand::Nothing => Ok(Vec::new()),
+            TallyCommand::Panic => panic!("{HANDLE_PANIC_MESSAGE}"),
+        }
+    }
+
+    fn apply(&mut self, event: &TallyEvent) {
+        let TallyEvent::Added(v) = event;
+        self.total += v;
+        self.count += 1;
+        self.digest = self.digest.rotate_left(7) ^ v.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.applied += 1;
+    }
+}
+
+/// While set, [`Fragile::apply`] panics on [`FRAGILE_POISON`]. Process-wide: only the one test
+/// that owns it (in `runtime_activation`) may touch it, through [`ArmFragile`].
+static FRAGILE_ARMED: AtomicBool = AtomicBool::new(false);
+
+/// The value whose event `Fragile::apply` panics on while armed.
+pub(crate) const FRAGILE_POISON: u64 = 666;
+
+/// Arms [`Fragile`]'s panic until dropped (also when the test fails).
+pub(crate) struct ArmFragile;
+
+impl ArmFragile {
+    pub(crate) fn arm() -> Self {
+        FRAGILE_ARMED.store(true, Ordering::SeqCst);
+        ArmFragile
+    }
+}
+
+impl Drop for ArmFragile {
+    fn drop(&mut self) {
+        FRAGILE_ARMED.store(false, Ordering::SeqCst);
+    }
+}
+
+/// A sum whose `apply` panics on [`FRAGILE_POISON`] while [`ArmFragile`] is alive.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Fragile {
+    pub(crate) total: u64,
+}
+
+impl Aggregate for Fragile {
+    const TYPE: &'static str = "fragile";
+    type Command = u64;
+    type Event = TallyEvent;
+    type Error = TallyError;
+
+    fn handle(&self, value: &u64) -> Result<Vec<TallyEvent>, TallyError> {
+        Ok(vec![TallyEvent::Added(*value)])
+    }
+
+    fn apply(&mut self, event: &TallyEvent) {
+        let TallyEvent::Added(v) = event;
+        if *v == FRAGILE_POISON && FRAGILE_ARMED.load(Ordering::SeqCst) {
+            panic!("fragile apply panicked on purpose");
+        }
+        self.total += v;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading the store
+// ---------------------------------------------------------------------------------------------
+
+/// The stream of aggregate `A` with id `id`.
+pub(crate) fn stream_of<A: Aggregate>(id: &str) -> StreamId {
+    StreamId::new(A::TYPE, id)
+}
+
+/// Every readable event of `A`'s aggregate `id`.
+pub(crate) async fn stored<A: Aggregate>(store: &dyn EventStore, id: &str) -> StreamSlice {
+    let stream = stream_of::<A>(id);
+    store
+        .read_stream(&stream, 1, u64::MAX, usize::MAX)
+        .await
+        .unwrap_or_else(|e| panic!("read {stream}: {e}"))
+}
+
+/// Decodes a stored event of `A`.
+pub(crate) fn decode<A: Aggregate>(envelope: &EventEnvelope) -> A::Event {
+    A::Event::decode(
+        &envelope.event_type,
+        envelope.schema_version,
+        &envelope.payload,
+    )
+    .unwrap_or_else(|e| panic!("decode {}#{}: {e}", envelope.stream, envelope.sequence))
+}
+
+/// The fold of every event of `A`'s aggregate `id` and its version, checking on the way that
+/// the stream is dense from 1 (so only for streams whose events were never deleted).
+pub(crate) async fn fold<A: Aggregate>(store: &dyn EventStore, id: &str) -> (A, u64) {
+    let slice = stored::<A>(store, id).await;
+    let mut state = A::default();
+    for (envelope, sequence) in slice.events.iter().zip(1..) {
+        assert_eq!(
+            envelope.sequence, sequence,
+            "{}: the stream is not dense from 1",
+            envelope.stream
+        );
+        state.apply(&decode::<A>(envelope));
+    }
+    assert_eq!(
+        slice.events.len() as u64,
+        slice.highest_sequence,
+        "{}: events are missing",
+        stream_of::<A>(id)
+    );
+    (state, slice.highest_sequence)
+}
+
+/// The values of a tally's readable events, in sequence order.
+pub(crate) fn tally_values(slice: &StreamSlice) -> Vec<u64> {
+    slice
+        .events
+        .iter()
+        .map(|e| match decode::<Tally>(e) {
+            TallyEvent::Added(v) => v,
+        })
+        .collect()
+}
+
+/// An encoded event of `A`, as another writer would append it straight to the store.
+pub(crate) fn foreign_event<E: DomainEvent>(event: &E) -> NewEvent {
+    NewEvent {
+        event_id: uuid::Uuid::now_v7(),
+        event_type: event.event_type().to_owned(),
+        schema_version: event.schema_version(),
+        causation: Default::default(),
+        payload: rmp_serde::to_vec(event).expect("encode"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Outcomes
+// ---------------------------------------------------------------------------------------------
+
+/// The runtime error of a failed command, failing the test on success or on a rejection.
+pub(crate) fn runtime_error<E: std::fmt::Debug, T: std::fmt::Debug>(
+    result: Result<T, CommandError<E>>,
+) -> RuntimeError {
+    match result {
+        Err(CommandError::Runtime(e)) => e,
+        other => panic!("expected a runtime error, got {other:?}"),
+    }
+}
+
+/// The rejection of a command, failing the test otherwise.
+pub(crate) fn rejection<E: std::fmt::Debug, T: std::fmt::Debug>(
+    result: Result<T, CommandError<E>>,
+) -> E {
+    match result {
+        Err(CommandError::Rejected(e)) => e,
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+/// The single sequence number a one-event command got.
+pub(crate) fn single_sequence<E>(done: &Committed<E>) -> u64 {
+    assert_eq!(
+        done.first_sequence, done.last_sequence,
+        "one event expected"
+    );
+    assert_eq!(done.events.len(), 1);
+    done.first_sequence
+}
+
+// ---------------------------------------------------------------------------------------------
+// Async utilities
+// ---------------------------------------------------------------------------------------------
+
+/// Polls `future` once, so a `send` it wraps is delivered to the actor's mailbox in the order
+/// this is called, and returns it still pending (the test fails if it already finished).
+pub(crate) async fn started<F: Future>(future: F) -> Pin<Box<F>>
+where
+    F::Output: std::fmt::Debug,
+{
+    let mut future = Box::pin(future);
+    if let std::task::Poll::Ready(out) = futures::poll!(future.as_mut()) {
+        panic!("expected the request to wait, but it finished: {out:?}");
+    }
+    future
+}
+
+/// Whether `future` is still pending after one more poll.
+pub(crate) async fn still_pending<F: Future + Unpin>(future: &mut F) -> bool {
+    futures::poll!(future).is_pending()
+}
+
+/// Awaits `future`, failing the test with `what` if it takes longer than [`SIGNAL_TIMEOUT`].
+pub(crate) async fn within<F: Future>(what: &str, future: F) -> F::Output {
+    match tokio::time::timeout(SIGNAL_TIMEOUT, future).await {
+        Ok(out) => out,
+        Err(_) => panic!("timed out after {SIGNAL_TIMEOUT:?} waiting for {what}"),
+    }
+}
+
+/// Polls `check` until it holds, for effects that have no signal to await (a snapshot written
+/// beside the actor, a passivation). Fails with `what` after [`SIGNAL_TIMEOUT`].
+pub(crate) async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + SIGNAL_TIMEOUT;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {SIGNAL_TIMEOUT:?} waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fault injection at the storage boundary
+// ---------------------------------------------------------------------------------------------
+
+/// A point calls pass through, which a test can hold shut; it counts the calls that reached it.
+pub(crate) struct Gate {
+    held: watch::Sender<bool>,
+    entered: watch::Sender<u64>,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Self {
+            held: watch::channel(false).0,
+            entered: watch::channel(0).0,
+        }
+    }
+}
+
+impl Gate {
+    /// Calls reaching the gate from now on wait until [`release`](Gate::release).
+    pub(crate) fn hold(&self) {
+        self.held.send_replace(true);
+    }
+
+    /// Lets every waiting and later call through.
+    pub(crate) fn release(&self) {
+        self.held.send_replace(false);
+    }
+
+    /// How many calls have reached the gate so far.
+    pub(crate) fn entered(&self) -> u64 {
+        *self.entered.borrow()
+    }
+
+    /// Waits until `n` calls in total have reached the gate.
+    pub(crate) async fn wait_entered(&self, n: u64) {
+        let mut rx = self.entered.subscribe();
+        within(
+            &format!("{n} calls to reach the gate"),
+            rx.wait_for(|c| *c >= n),
+        )
+        .await
+        .expect("gate counter alive");
+    }
+
+    async fn pass(&self) {
+        let mut held = self.held.subscribe();
+        self.entered.send_modify(|c| *c += 1);
+        let _ = held.wait_for(|h| !*h).await;
+    }
+}
+
+/// The faults a [`FaultStore`] injects, shared with the test that arms them.
+#[derive(Default)]
+pub(crate) struct Faults {
+    /// The next this-many appends fail with a storage error, writing nothing. Decided when the
+    /// append arrives, before the append gate.
+    fail_appends: AtomicUsize,
+    /// The next this-many recoveries fail at their first read (the latest snapshot).
+    fail_recoveries: AtomicUsize,
+    /// Every snapshot save fails while set.
+    fail_snapshot_saves: AtomicBool,
+    /// Before each of the next appends, one of these is appended to the same stream at the
+    /// request's expected version, as another writer would: the request then conflicts.
+    interference: Mutex<Vec<NewEvent>>,
+    /// Latency added to every read, to make concurrent recoveries overlap.
+    read_latency_us: AtomicU64,
+    reads_in_flight: AtomicUsize,
+    max_reads_in_flight: AtomicUsize,
+    recoveries: AtomicU64,
+    /// Appends wait here (after the failure decision).
+    pub(crate) appends: Gate,
+    /// Recoveries wait here at their first read.
+    pub(crate) recovery: Gate,
+    /// Snapshot saves wait here.
+    pub(crate) snapshots: Gate,
+}
+
+impl Faults {
+    /// Fails the next `n` appends.
+    pub(crate) fn fail_appends(&self, n: usize) {
+        self.fail_appends.store(n, Ordering::SeqCst);
+    }
+
+    /// Fails the next `n` recoveries (aggregate loads) with a read error.
+    pub(crate) fn fail_recoveries(&self, n: usize) {
+        self.fail_recoveries.store(n, Ordering::SeqCst);
+    }
+
+    /// Makes snapshot saves fail (or succeed again).
+    pub(crate) fn fail_snapshot_saves(&self, fail: bool) {
+        self.fail_snapshot_saves.store(fail, Ordering::SeqCst);
+    }
+
+    /// Before each of the next `events.len()` appends, writes one of `events` (in order) to the
+    /// same stream at the expected version, so the append conflicts.
+    pub(crate) fn interfere(&self, mut events: Vec<NewEvent>) {
+        events.reverse();
+        *self.interference.lock().expect("lock") = events;
+    }
+
+    /// Adds `latency` to every read.
+    pub(crate) fn read_latency(&self, latency: Duration) {
+        let us = u64::try_from(latency.as_micros()).expect("small latency");
+        self.read_latency_us.store(us, Ordering::SeqCst);
+    }
+
+    /// The most reads that were in flight at once.
+    pub(crate) fn max_reads_in_flight(&self) -> usize {
+        self.max_reads_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// How many recoveries (aggregate loads) started: each begins with one latest-snapshot read.
+    pub(crate) fn recoveries(&self) -> u64 {
+        self.recoveries.load(Ordering::SeqCst)
+    }
+}
+
+fn take_one(counter: &AtomicUsize) -> bool {
+    counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+/// An [`EventStore`] that delegates to a real one and injects the faults armed in [`Faults`].
+pub(crate) struct FaultStore {
+    inner: Arc<dyn EventStore>,
+    faults: Arc<Faults>,
+}
+
+impl FaultStore {
+    /// Wraps `inner`; the returned handle arms the faults.
+    pub(crate) fn wrap(inner: impl EventStore) -> (Self, Arc<Faults>) {
+        let faults = Arc::new(Faults::default());
+        (
+            Self {
+                inner: Arc::new(inner),
+                faults: faults.clone(),
+            },
+            faults,
+        )
+    }
+
+    async fn read<T>(&self, read: impl Future<Output = T>) -> T {
+        let f = &self.faults;
+        let now = f.reads_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        f.max_reads_in_flight.fetch_max(now, Ordering::SeqCst);
+        let latency = f.read_latency_us.load(Ordering::SeqCst);
+        if latency > 0 {
+            tokio::time::sleep(Duration::from_micros(latency)).await;
+        }
+        let out = read.await;
+        f.reads_in_flight.fetch_sub(1, Ordering::SeqCst);
+        out
+    }
+}
+
+fn injected(what: &str) -> StoreError {
+    StoreError::Storage(format!("injected {what} failure"))
+}
+
+#[async_trait]
+impl EventStore for FaultStore {
+    async fn append(&self, request: AppendRequest) -> Result<AppendResult, StoreError> {
+        let fail = take_one(&self.faults.fail_appends);
+        self.faults.appends.pass().await;
+        if fail {
+            return Err(injected("append"));
+        }
+        let foreign = self.faults.interference.lock().expect("lock").pop();
+        if let Some(event) = foreign {
+            self.inner
+                .append(AppendRequest::new(
+                    request.stream.clone(),
+                    request.expected_version,
+                    vec![event],
+                ))
+                .await
+                .expect("the interfering append");
+        }
+        self.inner.append(request).await
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &StreamId,
+        from: u64,
+        to: u64,
+        max: usize,
+    ) -> Result<StreamSlice, StoreError> {
+        self.read(self.inner.read_stream(stream, from, to, max))
+            .await
+    }
+
+    async fn highest_sequence(&self, stream: &StreamId) -> Result<u64, StoreError> {
+        self.read(self.inner.highest_sequence(stream)).await
+    }
+
+    async fn read_log(&self, from: u64, max: usize) -> Result<Vec<EventEnvelope>, StoreError> {
+        self.inner.read_log(from, max).await
+    }
+
+    fn head(&self) -> u64 {
+        self.inner.head()
+    }
+
+    fn watch_head(&self) -> watch::Receiver<u64> {
+        self.inner.watch_head()
+    }
+
+    async fn delete_to(&self, stream: &StreamId, to_sequence: u64) -> Result<(), StoreError> {
+        self.inner.delete_to(stream, to_sequence).await
+    }
+
+    async fn save_snapshot(&self, snapshot: SnapshotRecord) -> Result<(), StoreError> {
+        self.faults.snapshots.pass().await;
+        if self.faults.fail_snapshot_saves.load(Ordering::SeqCst) {
+            return Err(injected("snapshot save"));
+        }
+        self.inner.save_snapshot(snapshot).await
+    }
+
+    /// The first read of every recovery.
+    async fn latest_snapshot(
+        &self,
+        stream: &StreamId,
+        criteria: SnapshotCriteria,
+    ) -> Result<Option<SnapshotRecord>, StoreError> {
+        self.faults.recoveries.fetch_add(1, Ordering::SeqCst);
+        self.faults.recovery.pass().await;
+        if take_one(&self.faults.fail_recoveries) {
+            return Err(injected("read"));
+        }
+        self.read(self.inner.latest_snapshot(stream, criteria))
+            .await
+    }
+
+    async fn delete_snapshots(
+        &self,
+        stream: &StreamId,
+        criteria: SnapshotCriteria,
+    ) -> Result<u64, StoreError> {
+        self.inner.delete_snapshots(stream, criteria).await
+    }
+
+    async fn command_records(&self, stream: &StreamId) -> Result<Vec<CommandRecord>, StoreError> {
+        self.read(self.inner.command_records(stream)).await
+    }
+
+    async fn kv_get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.kv_get(table, key).await
+    }
+
+    async fn kv_scan(
+        &self,
+        table: &str,
+        from: &[u8],
+        max: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        self.inner.kv_scan(table, from, max).await
+    }
+
+    async fn kv_commit(&self, writes: Vec<KvWrite>) -> Result<(), StoreError> {
+        self.inner.kv_commit(writes).await
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.inner.flush().await
+    }
+
+    async fn close(&self) -> Result<(), StoreError> {
+        self.inner.close().await
+    }
+}
