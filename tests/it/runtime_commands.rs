@@ -103,13 +103,14 @@ async fn a_command_emits_events_atomically_or_is_rejected_and_changes_nothing() 
     shutdown(rt).await;
 }
 
-/// E2, E3: the reply waits until the events are stored; a read queued behind an unfinished
-/// write waits for it and never sees unpersisted state; the next command is decided against
-/// the stored effect of the previous one.
+/// E2, E3: the reply waits until the events are stored; a read queued behind commands waits
+/// for their writes and never sees unpersisted state; each command is decided against the
+/// stored effect of the ones before it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reply_waits_for_the_append_and_nothing_sees_unpersisted_state() {
     let node = Node::new();
     let (rt, faults) = node.faulty_runtime();
+    let store = rt.store();
     rt.send::<Account>("bob", open("Bob")).await.unwrap();
     rt.send::<Account>("bob", AccountCommand::Deposit { amount: 100 })
         .await
@@ -120,39 +121,41 @@ async fn the_reply_waits_for_the_append_and_nothing_sees_unpersisted_state() {
     let mut withdraw =
         started(rt.send::<Account>("bob", AccountCommand::Withdraw { amount: 100 })).await;
     faults.appends.wait_entered(entered + 1).await;
+    let mut deposit =
+        started(rt.send::<Account>("bob", AccountCommand::Deposit { amount: 50 })).await;
     let mut read = started(rt.state::<Account>("bob")).await;
     let mut again =
-        started(rt.send::<Account>("bob", AccountCommand::Withdraw { amount: 1 })).await;
+        started(rt.send::<Account>("bob", AccountCommand::Withdraw { amount: 60 })).await;
     // The append is in flight: nobody has an answer, and the store does not have the event.
     assert!(
         still_pending(&mut withdraw).await,
         "replied before the append"
     );
+    assert!(still_pending(&mut deposit).await);
     assert!(still_pending(&mut read).await, "read state during a write");
     assert!(still_pending(&mut again).await);
-    assert_eq!(
-        stored::<Account>(&*rt.store(), "bob")
-            .await
-            .highest_sequence,
-        2
-    );
+    assert_eq!(stored::<Account>(&*store, "bob").await.highest_sequence, 2);
 
     faults.appends.release();
-    let done = withdraw.await.unwrap();
-    assert_eq!(single_sequence(&done), 3);
+    assert_eq!(single_sequence(&withdraw.await.unwrap()), 3);
+    assert_eq!(single_sequence(&deposit.await.unwrap()), 4);
     let (account, version) = read.await.unwrap();
     assert_eq!(
         (account.balance, version),
-        (0, 3),
-        "the read waited for the write"
+        (50, 4),
+        "the read waited for the deposit's write and saw exactly the stored state"
+    );
+    assert!(
+        stored::<Account>(&*store, "bob").await.highest_sequence >= 4,
+        "what the read saw is stored"
     );
     assert_eq!(
         rejection(again.await),
         AccountError::InsufficientFunds {
-            balance: 0,
-            requested: 1
+            balance: 50,
+            requested: 60
         },
-        "decided against the stored withdrawal"
+        "decided against the stored withdrawal and deposit"
     );
     shutdown(rt).await;
 }
