@@ -2,6 +2,8 @@
 //! module; add yours with a `mod` line below.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod crash_child;
+mod store_wrapper;
 mod support;
 
 mod projection_support;

@@ -14,14 +14,13 @@
 //! varying number of acks. Rounds share one database, so each child continues where the previous
 //! one died, and each check covers every crash so far.
 
-use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use incarnate::{CommandError, Delivery, EventStore, ProjectorOptions, Runtime};
 use incarnate_actors::account::{Account, AccountCommand};
 use incarnate_actors::balances::AccountBalances;
 
+use crate::crash_child::{child_env, emit, seed, CrashChild, Rng};
 use crate::projection_support::{
     assert_account_tables_match_log, builder, committed_checkpoint, counts, once, Probe,
 };
@@ -64,29 +63,12 @@ fn runtime(path: &Path, exact: Probe, at_least: Probe) -> Runtime {
         .expect("build the runtime")
 }
 
-/// A small xorshift generator: kill points vary between runs, and the seed is in every failure
-/// message so a failing run can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 #[test]
 fn sigkill_while_projecting_leaves_exactly_once_read_models_equal_to_a_fold_of_the_log() {
-    let seed = std::env::var("INCARNATE_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| crate::support::now_micros() | 1);
+    let seed = seed("INCARNATE_CRASH_SEED");
     let mut rng = Rng(seed);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db");
-    let exe = std::env::current_exe().unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     // The highest acknowledged version of each account over every round so far.
     let mut acked = vec![0u64; ACCOUNTS];
@@ -94,30 +76,13 @@ fn sigkill_while_projecting_leaves_exactly_once_read_models_equal_to_a_fold_of_t
     for round in 0..ROUNDS {
         let kill_after = 10 + rng.next() % 140;
         let context = format!("seed {seed}, round {round}, kill after {kill_after} acks");
-        let mut child = Command::new(&exe)
-            .args([CHILD_TEST, "--exact", "--ignored", "--nocapture"])
-            .args(["--test-threads", "1"])
-            .env(CHILD_ENV, &path)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut stderr = child.stderr.take().unwrap();
-        let stderr = std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = stderr.read_to_string(&mut text);
-            text
-        });
+        let child = CrashChild::spawn(CHILD_TEST, [(CHILD_ENV, &path)]);
 
         let mut acks = 0u64;
         let mut projected_at_kill = 0;
-        let mut killed = false;
-        for line in stdout.lines() {
-            let line = line.unwrap();
+        let end = child.run(|line| {
             let Some(rest) = line.strip_prefix("ACK ") else {
-                continue;
+                return false;
             };
             let fields: Vec<u64> = rest.split(' ').map(|f| f.parse().unwrap()).collect();
             let [a, version, projected] = fields[..] else {
@@ -130,19 +95,13 @@ fn sigkill_while_projecting_leaves_exactly_once_read_models_equal_to_a_fold_of_t
             );
             acked[a] = version;
             acks += 1;
-            if acks == kill_after && !killed {
-                child.kill().unwrap(); // SIGKILL: no destructors, no shutdown, no flush
-                killed = true;
+            if acks == kill_after {
                 projected_at_kill = projected;
             }
-        }
-        let status = child.wait().unwrap();
-        let stderr = stderr.join().unwrap();
-        assert!(
-            killed,
-            "{context}: the child exited after {acks} acks ({status}):\n{stderr}"
-        );
-        assert!(!status.success(), "{context}: the child was not killed");
+            acks == kill_after
+        });
+        end.assert_killed(&context, &format!("{acks} acks"));
+        assert!(!end.status.success(), "{context}: the child was not killed");
 
         let context = format!("{context} (balances projected to {projected_at_kill})");
         runtime.block_on(check_recovered(&path, &acked, &context));
@@ -213,14 +172,9 @@ async fn check_recovered(path: &Path, acked: &[u64], context: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by the projection crash test in a child process"]
 async fn crash_child() {
-    let Some(path) = std::env::var_os(CHILD_ENV) else {
+    let Some(path) = child_env(CHILD_ENV) else {
         return;
     };
-    // If the parent dies, stdin closes: stop rather than outlive it.
-    std::thread::spawn(|| {
-        let _ = std::io::stdin().read_to_end(&mut Vec::new());
-        std::process::exit(3);
-    });
     let rt = runtime(
         Path::new(&path),
         Probe::new(EXACT, EXACT_TABLE),
@@ -256,9 +210,7 @@ async fn child_account(rt: Runtime, a: usize) {
                     .projection_status(AccountBalances::NAME)
                     .unwrap()
                     .processed;
-                let mut out = std::io::stdout().lock();
-                writeln!(out, "ACK {a} {} {projected}", done.version).unwrap();
-                out.flush().unwrap();
+                emit(format_args!("ACK {a} {} {projected}", done.version));
             }
             Ok(_) | Err(CommandError::Rejected(_)) => {}
             Err(e) => panic!("account {a}: {e}"),

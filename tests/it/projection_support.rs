@@ -13,15 +13,15 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use incarnate::{
-    Aggregate, AppendRequest, AppendResult, Backend, CommandRecord, Config, DurabilityMode,
-    EventEnvelope, EventFilter, EventStore, KvWrite, ProjectionError, Projector, ReadModelTx,
-    RuntimeBuilder, RuntimeSettings, SledStore, SnapshotCriteria, SnapshotRecord, StoreError,
-    StoreSettings, StreamId, StreamSlice, Table,
+    Aggregate, AppendRequest, AppendResult, Backend, Config, DurabilityMode, EventEnvelope,
+    EventFilter, EventStore, KvWrite, ProjectionError, Projector, ReadModelTx, RuntimeBuilder,
+    RuntimeSettings, SnapshotCriteria, SnapshotRecord, StoreError, StoreSettings, StreamId, Table,
 };
 use incarnate_actors::account::{Account, AccountEvent};
 use incarnate_actors::balances::{BalanceRow, StatementKey, StatementLine, BALANCES, STATEMENTS};
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore};
 
+use crate::store_wrapper::{Wrap, Wrapped};
 use crate::support::open_sled;
 
 /// The table where the runtime keeps every projector's checkpoint (a big-endian `u64` keyed by
@@ -481,24 +481,20 @@ impl StoreHooks {
 }
 
 /// A sled store with [`StoreHooks`]: the runtime gets it by value, the test keeps the hooks.
-pub(crate) struct TestStore {
-    inner: Arc<SledStore>,
-    hooks: StoreHooks,
-}
+pub(crate) type TestStore = Wrapped<StoreHooks>;
 
 impl TestStore {
     /// Opens the sled database at `path` (`sync` durability).
     pub(crate) fn open(path: &Path) -> (Self, StoreHooks) {
         let hooks = StoreHooks::default();
-        let store = Self {
-            inner: Arc::new(open_sled(path)),
-            hooks: hooks.clone(),
-        };
+        let (store, _) = Wrapped::new(open_sled(path), hooks.clone());
         (store, hooks)
     }
+}
 
+impl StoreHooks {
     fn writable(&self) -> Result<(), StoreError> {
-        if self.hooks.crashed.load(Ordering::SeqCst) {
+        if self.crashed.load(Ordering::SeqCst) {
             Err(StoreError::Storage("simulated crash".into()))
         } else {
             Ok(())
@@ -507,102 +503,74 @@ impl TestStore {
 }
 
 #[async_trait]
-impl EventStore for TestStore {
-    async fn append(&self, request: AppendRequest) -> Result<AppendResult, StoreError> {
-        self.writable()?;
-        self.inner.append(request).await
-    }
-
-    async fn read_stream(
+impl Wrap for StoreHooks {
+    async fn append(
         &self,
-        stream: &StreamId,
+        inner: &dyn EventStore,
+        request: AppendRequest,
+    ) -> Result<AppendResult, StoreError> {
+        self.writable()?;
+        inner.append(request).await
+    }
+
+    async fn read_log(
+        &self,
+        inner: &dyn EventStore,
         from: u64,
-        to: u64,
         max: usize,
-    ) -> Result<StreamSlice, StoreError> {
-        self.inner.read_stream(stream, from, to, max).await
-    }
-
-    async fn highest_sequence(&self, stream: &StreamId) -> Result<u64, StoreError> {
-        self.inner.highest_sequence(stream).await
-    }
-
-    async fn read_log(&self, from: u64, max: usize) -> Result<Vec<EventEnvelope>, StoreError> {
-        let events = self.inner.read_log(from, max).await?;
+    ) -> Result<Vec<EventEnvelope>, StoreError> {
+        let events = inner.read_log(from, max).await?;
         if events.is_empty() {
-            let request = self.hooks.after_empty_read.lock().unwrap().take();
+            let request = self.after_empty_read.lock().unwrap().take();
             if let Some(request) = request {
-                self.inner.append(request).await?;
+                inner.append(request).await?;
             }
         }
         Ok(events)
     }
 
-    fn head(&self) -> u64 {
-        self.inner.head()
-    }
-
-    fn watch_head(&self) -> watch::Receiver<u64> {
-        self.inner.watch_head()
-    }
-
-    async fn delete_to(&self, stream: &StreamId, to_sequence: u64) -> Result<(), StoreError> {
-        self.writable()?;
-        self.inner.delete_to(stream, to_sequence).await
-    }
-
-    async fn save_snapshot(&self, snapshot: SnapshotRecord) -> Result<(), StoreError> {
-        self.writable()?;
-        self.inner.save_snapshot(snapshot).await
-    }
-
-    async fn latest_snapshot(
+    async fn delete_to(
         &self,
+        inner: &dyn EventStore,
         stream: &StreamId,
-        criteria: SnapshotCriteria,
-    ) -> Result<Option<SnapshotRecord>, StoreError> {
-        self.inner.latest_snapshot(stream, criteria).await
+        to_sequence: u64,
+    ) -> Result<(), StoreError> {
+        self.writable()?;
+        inner.delete_to(stream, to_sequence).await
+    }
+
+    async fn save_snapshot(
+        &self,
+        inner: &dyn EventStore,
+        snapshot: SnapshotRecord,
+    ) -> Result<(), StoreError> {
+        self.writable()?;
+        inner.save_snapshot(snapshot).await
     }
 
     async fn delete_snapshots(
         &self,
+        inner: &dyn EventStore,
         stream: &StreamId,
         criteria: SnapshotCriteria,
     ) -> Result<u64, StoreError> {
         self.writable()?;
-        self.inner.delete_snapshots(stream, criteria).await
+        inner.delete_snapshots(stream, criteria).await
     }
 
-    async fn command_records(&self, stream: &StreamId) -> Result<Vec<CommandRecord>, StoreError> {
-        self.inner.command_records(stream).await
-    }
-
-    async fn kv_get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.inner.kv_get(table, key).await
-    }
-
-    async fn kv_scan(
+    async fn kv_commit(
         &self,
-        table: &str,
-        from: &[u8],
-        max: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
-        self.inner.kv_scan(table, from, max).await
-    }
-
-    async fn kv_commit(&self, writes: Vec<KvWrite>) -> Result<(), StoreError> {
+        inner: &dyn EventStore,
+        writes: Vec<KvWrite>,
+    ) -> Result<(), StoreError> {
         self.writable()?;
-        self.inner.kv_commit(writes.clone()).await?;
-        self.hooks.commits.lock().unwrap().push(writes);
+        inner.kv_commit(writes.clone()).await?;
+        self.commits.lock().unwrap().push(writes);
         Ok(())
     }
 
-    async fn flush(&self) -> Result<(), StoreError> {
+    async fn flush(&self, inner: &dyn EventStore) -> Result<(), StoreError> {
         self.writable()?;
-        self.inner.flush().await
-    }
-
-    async fn close(&self) -> Result<(), StoreError> {
-        self.inner.close().await
+        inner.flush().await
     }
 }

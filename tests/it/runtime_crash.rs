@@ -12,13 +12,12 @@
 //! each child continues the streams (and the snapshots) the previous one left.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use incarnate::{CommandOptions, Config, Runtime};
 use uuid::Uuid;
 
+use crate::crash_child::{child_env, emit, seed, CrashChild, Rng};
 use crate::runtime_support::{
     decode, fold, shutdown, single_sequence, stored, test_config, Tally, TallyCommand, TallyEvent,
 };
@@ -51,52 +50,25 @@ struct Ack {
 
 #[test]
 fn sigkill_during_durable_commands_loses_no_acknowledged_command() {
-    let seed = std::env::var("INCARNATE_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| crate::support::now_micros() | 1);
-    let mut rng = seed;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let seed = seed("INCARNATE_CRASH_SEED");
+    let mut rng = Rng(seed);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db");
-    let exe = std::env::current_exe().unwrap();
     let tokio = tokio::runtime::Runtime::new().unwrap();
     // Every acknowledged command of every round: aggregate → sequence → ack.
     let mut acked: Vec<BTreeMap<u64, Ack>> = vec![BTreeMap::new(); AGGREGATES];
 
     for round in 0..ROUNDS {
-        let kill_after = 30 + next() % 120;
+        let kill_after = 30 + rng.next() % 120;
         let context = format!("seed {seed}, round {round}, kill after {kill_after} acks");
-        let mut child = Command::new(&exe)
-            .args([CHILD_TEST, "--exact", "--ignored", "--nocapture"])
-            .args(["--test-threads", "1"])
-            .env(CHILD_ENV, &path)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut stderr = child.stderr.take().unwrap();
-        let stderr = std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = stderr.read_to_string(&mut text);
-            text
-        });
+        let child = CrashChild::spawn(CHILD_TEST, [(CHILD_ENV, &path)]);
 
         let mut acks = 0u64;
-        let mut killed = false;
         // Reading to the end also collects the acks still in the pipe after the kill: each was
         // printed after its command was acknowledged, so each must have survived.
-        for line in stdout.lines() {
-            let line = line.unwrap();
+        let end = child.run(|line| {
             let Some(rest) = line.strip_prefix("ACK ") else {
-                continue;
+                return false;
             };
             let fields: Vec<&str> = rest.split(' ').collect();
             let [agg, sequence, command_id, value] = fields[..] else {
@@ -114,18 +86,10 @@ fn sigkill_during_durable_commands_loses_no_acknowledged_command() {
                 "{context}: crash-{agg}#{sequence} acknowledged twice ({previous:?}, {ack:?})"
             );
             acks += 1;
-            if acks == kill_after && !killed {
-                child.kill().unwrap(); // SIGKILL: no destructors, no shutdown, no flush
-                killed = true;
-            }
-        }
-        let status = child.wait().unwrap();
-        let stderr = stderr.join().unwrap();
-        assert!(
-            killed,
-            "{context}: the child exited after {acks} acks ({status}):\n{stderr}"
-        );
-        assert!(!status.success(), "{context}: the child was not killed");
+            acks == kill_after
+        });
+        end.assert_killed(&context, &format!("{acks} acks"));
+        assert!(!end.status.success(), "{context}: the child was not killed");
 
         tokio.block_on(check_recovered(&path, &acked, &context));
     }
@@ -212,14 +176,9 @@ async fn check_recovered(path: &Path, acked: &[BTreeMap<u64, Ack>], context: &st
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by the runtime crash test in a child process"]
 async fn runtime_crash_child() {
-    let Some(path) = std::env::var_os(CHILD_ENV) else {
+    let Some(path) = child_env(CHILD_ENV) else {
         return;
     };
-    // If the parent dies, stdin closes: stop rather than outlive it.
-    std::thread::spawn(|| {
-        let _ = std::io::stdin().read_to_end(&mut Vec::new());
-        std::process::exit(3);
-    });
     let rt = Runtime::builder()
         .config(crash_config(Path::new(&path)))
         .register::<Tally>()
@@ -242,9 +201,7 @@ async fn runtime_crash_child() {
                         .await
                         .unwrap();
                     let sequence = single_sequence(&done);
-                    let mut out = std::io::stdout().lock();
-                    writeln!(out, "ACK {id} {sequence} {command_id} {value}").unwrap();
-                    out.flush().unwrap();
+                    emit(format_args!("ACK {id} {sequence} {command_id} {value}"));
                 }
             })
         })

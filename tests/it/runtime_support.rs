@@ -8,7 +8,7 @@
 #![allow(dead_code)]
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,16 +17,16 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use incarnate::{
     Aggregate, AppendRequest, AppendResult, CommandError, CommandRecord, Committed, Config,
-    DomainEvent, DurabilityMode, EventEnvelope, EventStore, KvWrite, NewEvent, Runtime,
-    RuntimeError, SledStore, SnapshotCriteria, SnapshotRecord, StoreError, StreamId, StreamSlice,
+    DomainEvent, EventEnvelope, EventStore, NewEvent, Runtime, RuntimeError, SledStore,
+    SnapshotCriteria, SnapshotRecord, StoreError, StreamId, StreamSlice,
 };
 use incarnate_actors::account::Account;
 use serde::{Deserialize, Serialize};
-use tempfile::TempDir;
-use tokio::sync::watch;
 
-/// How long a test waits for a signal or an asynchronous effect before failing.
-pub(crate) const SIGNAL_TIMEOUT: Duration = Duration::from_secs(20);
+use crate::store_wrapper::{Wrap, Wrapped};
+
+pub(crate) use crate::store_wrapper::Gate;
+pub(crate) use crate::support::{shutdown, test_config, within, TempDb, SIGNAL_TIMEOUT};
 
 // ---------------------------------------------------------------------------------------------
 // Runtimes on a temporary directory
@@ -35,27 +35,22 @@ pub(crate) const SIGNAL_TIMEOUT: Duration = Duration::from_secs(20);
 /// A temporary sled directory that outlives the runtimes built on it, so a test can shut one
 /// down (which closes the store) and build the next one on the same data: a real restart.
 pub(crate) struct Node {
-    path: PathBuf,
-    _dir: TempDir,
+    db: TempDb,
 }
 
 impl Node {
     pub(crate) fn new() -> Self {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        Self {
-            path: dir.path().join("db"),
-            _dir: dir,
-        }
+        Self { db: TempDb::new() }
     }
 
     /// The sled database directory.
     pub(crate) fn path(&self) -> &Path {
-        &self.path
+        self.db.path()
     }
 
     /// The test configuration on this directory, changed by `f`.
     pub(crate) fn config(&self, f: impl FnOnce(&mut Config)) -> Config {
-        let mut config = test_config(&self.path);
+        let mut config = test_config(self.path());
         f(&mut config);
         config
     }
@@ -92,30 +87,11 @@ impl Node {
     }
 }
 
-/// The configuration every runtime test starts from: the sled store at `path` in `sync`
-/// durability, two actor threads, a command timeout short enough that a lost reply fails the
-/// test instead of hanging it, and no idle passivation unless a test asks for it.
-pub(crate) fn test_config(path: &Path) -> Config {
-    let mut c = Config::default();
-    c.store.path = path.to_path_buf();
-    c.store.durability = DurabilityMode::Sync;
-    c.store.cache_capacity_mb = 16;
-    c.runtime.arbiters = 2;
-    c.runtime.command_timeout_ms = 15_000;
-    c.aggregates.default.idle_timeout_ms = 0;
-    c
-}
-
 fn register_all(builder: incarnate::RuntimeBuilder) -> incarnate::RuntimeBuilder {
     builder
         .register::<Account>()
         .register::<Tally>()
         .register::<Fragile>()
-}
-
-/// Shuts a runtime down and fails the test if that fails.
-pub(crate) async fn shutdown(rt: Runtime) {
-    rt.shutdown().await.expect("shutdown");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -407,14 +383,6 @@ pub(crate) async fn still_pending<F: Future + Unpin>(future: &mut F) -> bool {
     futures::poll!(future).is_pending()
 }
 
-/// Awaits `future`, failing the test with `what` if it takes longer than [`SIGNAL_TIMEOUT`].
-pub(crate) async fn within<F: Future>(what: &str, future: F) -> F::Output {
-    match tokio::time::timeout(SIGNAL_TIMEOUT, future).await {
-        Ok(out) => out,
-        Err(_) => panic!("timed out after {SIGNAL_TIMEOUT:?} waiting for {what}"),
-    }
-}
-
 /// Polls `check` until it holds, for effects that have no signal to await (a snapshot written
 /// beside the actor, a passivation). Fails with `what` after [`SIGNAL_TIMEOUT`].
 pub(crate) async fn eventually<F, Fut>(what: &str, mut check: F)
@@ -438,55 +406,6 @@ where
 // ---------------------------------------------------------------------------------------------
 // Fault injection at the storage boundary
 // ---------------------------------------------------------------------------------------------
-
-/// A point calls pass through, which a test can hold shut; it counts the calls that reached it.
-pub(crate) struct Gate {
-    held: watch::Sender<bool>,
-    entered: watch::Sender<u64>,
-}
-
-impl Default for Gate {
-    fn default() -> Self {
-        Self {
-            held: watch::channel(false).0,
-            entered: watch::channel(0).0,
-        }
-    }
-}
-
-impl Gate {
-    /// Calls reaching the gate from now on wait until [`release`](Gate::release).
-    pub(crate) fn hold(&self) {
-        self.held.send_replace(true);
-    }
-
-    /// Lets every waiting and later call through.
-    pub(crate) fn release(&self) {
-        self.held.send_replace(false);
-    }
-
-    /// How many calls have reached the gate so far.
-    pub(crate) fn entered(&self) -> u64 {
-        *self.entered.borrow()
-    }
-
-    /// Waits until `n` calls in total have reached the gate.
-    pub(crate) async fn wait_entered(&self, n: u64) {
-        let mut rx = self.entered.subscribe();
-        within(
-            &format!("{n} calls to reach the gate"),
-            rx.wait_for(|c| *c >= n),
-        )
-        .await
-        .expect("gate counter alive");
-    }
-
-    async fn pass(&self) {
-        let mut held = self.held.subscribe();
-        self.entered.send_modify(|c| *c += 1);
-        let _ = held.wait_for(|h| !*h).await;
-    }
-}
 
 /// The faults a [`FaultStore`] injects, shared with the test that arms them.
 #[derive(Default)]
@@ -561,34 +480,25 @@ fn take_one(counter: &AtomicUsize) -> bool {
 }
 
 /// An [`EventStore`] that delegates to a real one and injects the faults armed in [`Faults`].
-pub(crate) struct FaultStore {
-    inner: Arc<dyn EventStore>,
-    faults: Arc<Faults>,
-}
+pub(crate) type FaultStore = Wrapped<Faults>;
 
 impl FaultStore {
     /// Wraps `inner`; the returned handle arms the faults.
     pub(crate) fn wrap(inner: impl EventStore) -> (Self, Arc<Faults>) {
-        let faults = Arc::new(Faults::default());
-        (
-            Self {
-                inner: Arc::new(inner),
-                faults: faults.clone(),
-            },
-            faults,
-        )
+        Wrapped::new(inner, Faults::default())
     }
+}
 
+impl Faults {
     async fn read<T>(&self, read: impl Future<Output = T>) -> T {
-        let f = &self.faults;
-        let now = f.reads_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-        f.max_reads_in_flight.fetch_max(now, Ordering::SeqCst);
-        let latency = f.read_latency_us.load(Ordering::SeqCst);
+        let now = self.reads_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_reads_in_flight.fetch_max(now, Ordering::SeqCst);
+        let latency = self.read_latency_us.load(Ordering::SeqCst);
         if latency > 0 {
             tokio::time::sleep(Duration::from_micros(latency)).await;
         }
         let out = read.await;
-        f.reads_in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.reads_in_flight.fetch_sub(1, Ordering::SeqCst);
         out
     }
 }
@@ -598,16 +508,20 @@ fn injected(what: &str) -> StoreError {
 }
 
 #[async_trait]
-impl EventStore for FaultStore {
-    async fn append(&self, request: AppendRequest) -> Result<AppendResult, StoreError> {
-        let fail = take_one(&self.faults.fail_appends);
-        self.faults.appends.pass().await;
+impl Wrap for Faults {
+    async fn append(
+        &self,
+        inner: &dyn EventStore,
+        request: AppendRequest,
+    ) -> Result<AppendResult, StoreError> {
+        let fail = take_one(&self.fail_appends);
+        self.appends.pass().await;
         if fail {
             return Err(injected("append"));
         }
-        let foreign = self.faults.interference.lock().expect("lock").pop();
+        let foreign = self.interference.lock().expect("lock").pop();
         if let Some(event) = foreign {
-            self.inner
+            inner
                 .append(AppendRequest::new(
                     request.stream.clone(),
                     request.expected_version,
@@ -616,97 +530,60 @@ impl EventStore for FaultStore {
                 .await
                 .expect("the interfering append");
         }
-        self.inner.append(request).await
+        inner.append(request).await
     }
 
     async fn read_stream(
         &self,
+        inner: &dyn EventStore,
         stream: &StreamId,
         from: u64,
         to: u64,
         max: usize,
     ) -> Result<StreamSlice, StoreError> {
-        self.read(self.inner.read_stream(stream, from, to, max))
-            .await
+        self.read(inner.read_stream(stream, from, to, max)).await
     }
 
-    async fn highest_sequence(&self, stream: &StreamId) -> Result<u64, StoreError> {
-        self.read(self.inner.highest_sequence(stream)).await
+    async fn highest_sequence(
+        &self,
+        inner: &dyn EventStore,
+        stream: &StreamId,
+    ) -> Result<u64, StoreError> {
+        self.read(inner.highest_sequence(stream)).await
     }
 
-    async fn read_log(&self, from: u64, max: usize) -> Result<Vec<EventEnvelope>, StoreError> {
-        self.inner.read_log(from, max).await
-    }
-
-    fn head(&self) -> u64 {
-        self.inner.head()
-    }
-
-    fn watch_head(&self) -> watch::Receiver<u64> {
-        self.inner.watch_head()
-    }
-
-    async fn delete_to(&self, stream: &StreamId, to_sequence: u64) -> Result<(), StoreError> {
-        self.inner.delete_to(stream, to_sequence).await
-    }
-
-    async fn save_snapshot(&self, snapshot: SnapshotRecord) -> Result<(), StoreError> {
-        self.faults.snapshots.pass().await;
-        if self.faults.fail_snapshot_saves.load(Ordering::SeqCst) {
+    async fn save_snapshot(
+        &self,
+        inner: &dyn EventStore,
+        snapshot: SnapshotRecord,
+    ) -> Result<(), StoreError> {
+        self.snapshots.pass().await;
+        if self.fail_snapshot_saves.load(Ordering::SeqCst) {
             return Err(injected("snapshot save"));
         }
-        self.inner.save_snapshot(snapshot).await
+        inner.save_snapshot(snapshot).await
     }
 
     /// The first read of every recovery.
     async fn latest_snapshot(
         &self,
+        inner: &dyn EventStore,
         stream: &StreamId,
         criteria: SnapshotCriteria,
     ) -> Result<Option<SnapshotRecord>, StoreError> {
-        self.faults.recoveries.fetch_add(1, Ordering::SeqCst);
-        self.faults.recovery.pass().await;
-        if take_one(&self.faults.fail_recoveries) {
+        self.recoveries.fetch_add(1, Ordering::SeqCst);
+        self.recovery.pass().await;
+        if take_one(&self.fail_recoveries) {
             return Err(injected("read"));
         }
-        self.read(self.inner.latest_snapshot(stream, criteria))
-            .await
+        self.read(inner.latest_snapshot(stream, criteria)).await
     }
 
-    async fn delete_snapshots(
+    async fn command_records(
         &self,
+        inner: &dyn EventStore,
         stream: &StreamId,
-        criteria: SnapshotCriteria,
-    ) -> Result<u64, StoreError> {
-        self.inner.delete_snapshots(stream, criteria).await
-    }
-
-    async fn command_records(&self, stream: &StreamId) -> Result<Vec<CommandRecord>, StoreError> {
-        self.read(self.inner.command_records(stream)).await
-    }
-
-    async fn kv_get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.inner.kv_get(table, key).await
-    }
-
-    async fn kv_scan(
-        &self,
-        table: &str,
-        from: &[u8],
-        max: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
-        self.inner.kv_scan(table, from, max).await
-    }
-
-    async fn kv_commit(&self, writes: Vec<KvWrite>) -> Result<(), StoreError> {
-        self.inner.kv_commit(writes).await
-    }
-
-    async fn flush(&self) -> Result<(), StoreError> {
-        self.inner.flush().await
-    }
-
-    async fn close(&self) -> Result<(), StoreError> {
-        self.inner.close().await
+    ) -> Result<Vec<CommandRecord>, StoreError> {
+        self.read(inner.command_records(stream)).await
     }
 }

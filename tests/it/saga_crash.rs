@@ -12,15 +12,14 @@
 //! database path in [`CHILD_ENV`] (the pattern of `store_crash`).
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use incarnate::{Aggregate, EventStore, Runtime, SagaError, StreamId};
 use incarnate_actors::account::{Account, AccountCommand, AccountEvent};
 use incarnate_actors::balances::{AccountBalances, BALANCES};
 use incarnate_actors::transfer::{Transfer, TransferEvent, TransferSaga};
 
+use crate::crash_child::{child_env, emit, seed, CrashChild, Rng};
 use crate::saga_support::{
     assert_command_ids_unique, assert_transfer_saga_matches_its_checkpoint, audit_bank, bank,
     count_events, idle, open_bank, outbox, probe, probe_stream, probes, request, saga_config,
@@ -56,7 +55,7 @@ async fn a_shutdown_with_transfers_in_flight_resumes_them_and_ends_each_once() {
     open_bank(&rt, &accounts.map(|a| (a, 10_000)), &["z"]).await;
 
     // Every account append waits at the gate: withdrawals pile up in flight.
-    faults.hold();
+    faults.appends.hold();
     for i in 0..12 {
         let (from, to) = (accounts[i % 4], accounts[(i + 1) % 4]);
         request(&rt, &format!("ring-{i:02}"), from, to, 100 + i as u64).await;
@@ -64,11 +63,11 @@ async fn a_shutdown_with_transfers_in_flight_resumes_them_and_ends_each_once() {
     request(&rt, "refund-1", "a", "z", 500).await;
     request(&rt, "refund-2", "c", "z", 700).await;
     request(&rt, "broke", "b", "c", 1_000_000).await;
-    faults.wait_entered(1).await;
+    faults.appends.wait_entered(1).await;
     // The shutdown begins (no new command is accepted, the saga stops), then the held appends
     // complete as the accounts drain their mailboxes: effects whose outcomes the saga never
     // hears of.
-    shutdown_then(rt, || faults.release()).await;
+    shutdown_then(rt, || faults.appends.release()).await;
 
     let store = node.open_store();
     let unfinished = unfinished_transfers(&store).await;
@@ -194,13 +193,13 @@ async fn a_command_whose_target_never_replies_comes_back_failed_naming_the_targe
     let store = rt.store();
 
     // The deposit the saga sends to x never gets past x's append.
-    faults.hold();
+    faults.appends.hold();
     probe(&rt, "p", ProbeCommand::Start).await;
     let poke = ProbeCommand::Poke {
         account: "x".into(),
     };
     probe(&rt, "p", poke).await;
-    faults.wait_entered(1).await;
+    faults.appends.wait_entered(1).await;
 
     // The saga is not stuck behind the call: another instance runs to its end meanwhile.
     probe(&rt, "q", ProbeCommand::Start).await;
@@ -228,10 +227,14 @@ async fn a_command_whose_target_never_replies_comes_back_failed_naming_the_targe
         text.starts_with("failed: ") && text.contains("no reply from account/x within 200ms"),
         "{text}"
     );
-    assert_eq!(faults.entered(), 1, "the held append is still the only one");
+    assert_eq!(
+        faults.appends.entered(),
+        1,
+        "the held append is still the only one"
+    );
 
     // Released, the held deposit completes; the retries queued behind it are duplicates.
-    faults.release();
+    faults.appends.release();
     wait_for_events(&store, &account("x"), AccountEvent::DEPOSITED, 1).await;
     // `wait_for_saga_idle` waits one command timeout (200 ms here) at a time.
     let deadline = std::time::Instant::now() + WAIT;
@@ -271,18 +274,6 @@ const OPENING: u64 = 10_000;
 /// Transfers a child requests if it is not killed first (it always is: see `kill_after`).
 const TRANSFERS_PER_ROUND: u64 = 60;
 
-/// A small xorshift generator; the seed is in every failure message so a run can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 /// Transfer `i` of a round: mostly between the open accounts, some to the closed one
 /// (compensated by a refund), some for more than any balance (rejected).
 fn plan(rng: &mut Rng, i: u64) -> (&'static str, &'static str, u64) {
@@ -302,14 +293,10 @@ fn plan(rng: &mut Rng, i: u64) -> (&'static str, &'static str, u64) {
 
 #[test]
 fn sigkill_during_transfers_then_restart_ends_every_transfer_once_with_money_conserved() {
-    let seed = std::env::var(SEED_ENV)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| crate::support::now_micros() | 1);
+    let seed = seed(SEED_ENV);
     let mut rng = Rng(seed);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db");
-    let exe = std::env::current_exe().unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let mut requested = BTreeSet::new();
     let mut interrupted = 0;
@@ -319,45 +306,26 @@ fn sigkill_during_transfers_then_restart_ends_every_transfer_once_with_money_con
         // Killed once this many transfers have ended in the child: the saga is then mid-way.
         let kill_after = 5 + rng.next() % 31;
         let context = format!("seed {seed}, round {round}, kill after {kill_after} ends");
-        let mut child = Command::new(&exe)
-            .args([CHILD_TEST, "--exact", "--ignored", "--nocapture"])
-            .args(["--test-threads", "1"])
-            .env(CHILD_ENV, &path)
-            .env(ROUND_ENV, round.to_string())
-            .env(SEED_ENV, seed.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut stderr = child.stderr.take().unwrap();
-        let stderr = std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = stderr.read_to_string(&mut text);
-            text
-        });
+        let child = CrashChild::spawn(
+            CHILD_TEST,
+            [
+                (CHILD_ENV, path.clone().into_os_string()),
+                (ROUND_ENV, round.to_string().into()),
+                (SEED_ENV, seed.to_string().into()),
+            ],
+        );
         let mut ends = 0;
-        let mut killed = false;
         // Every acknowledged request was stored before its line was printed.
-        for line in stdout.lines() {
-            let line = line.unwrap();
+        let end = child.run(|line| {
             if let Some(id) = line.strip_prefix("REQ ") {
                 requested.insert(id.to_owned());
             } else if line.starts_with("END ") {
                 ends += 1;
-                if ends == kill_after && !killed {
-                    child.kill().unwrap(); // SIGKILL: no shutdown, no flush
-                    killed = true;
-                }
+                return ends == kill_after;
             }
-        }
-        let status = child.wait().unwrap();
-        let stderr = stderr.join().unwrap();
-        assert!(
-            killed,
-            "{context}: the child exited after {ends} ends ({status}):\n{stderr}"
-        );
+            false
+        });
+        end.assert_killed(&context, &format!("{ends} ends"));
 
         runtime.block_on(async {
             // What the kill interrupted.
@@ -438,7 +406,7 @@ fn sigkill_during_transfers_then_restart_ends_every_transfer_once_with_money_con
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by the saga crash test in a child process"]
 async fn saga_crash_child() {
-    let Some(path) = std::env::var_os(CHILD_ENV) else {
+    let Some(path) = child_env(CHILD_ENV) else {
         return;
     };
     let var = |name: &str| -> u64 {
@@ -448,11 +416,6 @@ async fn saga_crash_child() {
             .unwrap_or(0)
     };
     let (round, seed) = (var(ROUND_ENV), var(SEED_ENV));
-    // If the parent dies, stdin closes: stop rather than outlive it.
-    std::thread::spawn(|| {
-        let _ = std::io::stdin().read_to_end(&mut Vec::new());
-        std::process::exit(3);
-    });
     let rt = bank(Runtime::builder().config(saga_config(Path::new(&path), |_| {})))
         .build()
         .unwrap();
@@ -488,9 +451,7 @@ async fn saga_crash_child() {
         let id = format!("r{round}-{i:03}");
         let (from, to, amount) = plan(&mut rng, i);
         request(&rt, &id, from, to, amount).await;
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "REQ {id}").unwrap();
-        out.flush().unwrap();
+        emit(format_args!("REQ {id}"));
     }
     idle(&rt, TransferSaga::NAME).await;
     println!("DONE");

@@ -10,28 +10,30 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use incarnate::{
-    Aggregate, AppendRequest, AppendResult, CommandOptions, CommandOutcome, CommandRecord, Config,
-    Correlation, DomainEvent, DurabilityMode, EventEnvelope, EventFilter, EventStore, KvWrite,
-    ProcessManager, Runtime, RuntimeBuilder, SagaError, SledStore, SnapshotCriteria,
-    SnapshotRecord, Step, StoreError, StreamId, StreamSlice,
+    Aggregate, AppendRequest, AppendResult, CommandOptions, CommandOutcome, Config, Correlation,
+    DomainEvent, EventEnvelope, EventFilter, EventStore, KvWrite, ProcessManager, Runtime,
+    RuntimeBuilder, SagaError, SledStore, Step, StoreError, StreamId,
 };
 use incarnate_actors::account::{Account, AccountCommand, AccountEvent};
 use incarnate_actors::balances::AccountBalances;
 use incarnate_actors::transfer::{Transfer, TransferCommand, TransferEvent, TransferSaga};
 use serde::{Deserialize, Serialize};
-use tempfile::TempDir;
 use tokio::sync::watch;
 use uuid::Uuid;
 
+use crate::store_wrapper::{Gate, Wrap, Wrapped};
+pub(crate) use crate::support::shutdown;
+use crate::support::{test_config, TempDb};
+
 /// How long a test waits for a signal before failing.
-pub(crate) const WAIT: Duration = Duration::from_secs(20);
+pub(crate) const WAIT: Duration = crate::support::SIGNAL_TIMEOUT;
 
 // ---------------------------------------------------------------------------------------------
 // Runtimes on a directory that outlives them
@@ -40,26 +42,21 @@ pub(crate) const WAIT: Duration = Duration::from_secs(20);
 /// A temporary sled directory: a test shuts a runtime down (closing the store) and builds the
 /// next one on the same data, a real restart.
 pub(crate) struct SagaNode {
-    path: PathBuf,
-    _dir: TempDir,
+    db: TempDb,
 }
 
 impl SagaNode {
     pub(crate) fn new() -> Self {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        Self {
-            path: dir.path().join("db"),
-            _dir: dir,
-        }
+        Self { db: TempDb::new() }
     }
 
     pub(crate) fn path(&self) -> &Path {
-        &self.path
+        self.db.path()
     }
 
     /// A builder with the test configuration on this directory, changed by `f`.
     pub(crate) fn builder(&self, f: impl FnOnce(&mut Config)) -> RuntimeBuilder {
-        Runtime::builder().config(saga_config(&self.path, f))
+        Runtime::builder().config(saga_config(self.path(), f))
     }
 
     /// A builder whose sled store is wrapped in a [`SagaFaultStore`] holding appends to
@@ -69,7 +66,7 @@ impl SagaNode {
         gated: &str,
         f: impl FnOnce(&mut Config),
     ) -> (RuntimeBuilder, Arc<SagaFaults>) {
-        let config = saga_config(&self.path, f);
+        let config = saga_config(self.path(), f);
         let sled = SledStore::open(config.store.sled_config()).expect("open the sled store");
         let (store, faults) = SagaFaultStore::wrap(sled, gated);
         (Runtime::builder().config(config).store(store), faults)
@@ -77,7 +74,7 @@ impl SagaNode {
 
     /// Opens the store alone (no runtime), to look at what a stopped runtime left.
     pub(crate) fn open_store(&self) -> SledStore {
-        SledStore::open(saga_config(&self.path, |_| {}).store.sled_config())
+        SledStore::open(saga_config(self.path(), |_| {}).store.sled_config())
             .expect("open the sled store")
     }
 }
@@ -86,13 +83,7 @@ impl SagaNode {
 /// no idle passivation, and a command timeout (also the bound of `wait_for_saga_idle`) short
 /// enough that a lost reply fails the test instead of hanging it.
 pub(crate) fn saga_config(path: &Path, f: impl FnOnce(&mut Config)) -> Config {
-    let mut c = Config::default();
-    c.store.path = path.to_path_buf();
-    c.store.durability = DurabilityMode::Sync;
-    c.store.cache_capacity_mb = 16;
-    c.runtime.arbiters = 2;
-    c.runtime.command_timeout_ms = 15_000;
-    c.aggregates.default.idle_timeout_ms = 0;
+    let mut c = test_config(path);
     f(&mut c);
     c
 }
@@ -112,10 +103,6 @@ pub(crate) fn probes(builder: RuntimeBuilder) -> RuntimeBuilder {
         .register::<Probe>()
         .register::<Account>()
         .saga(ProbeSaga)
-}
-
-pub(crate) async fn shutdown(rt: Runtime) {
-    rt.shutdown().await.expect("shutdown");
 }
 
 /// Shuts `rt` down while `release` lets held work through: the shutdown is first polled once, so
@@ -306,9 +293,8 @@ pub(crate) fn assert_command_ids_unique(log: &[EventEnvelope], context: &str) {
 pub(crate) struct SagaFaults {
     /// Appends to streams of this aggregate type pass the gate.
     gated_type: String,
-    held: watch::Sender<bool>,
-    /// Appends that arrived while the gate was held.
-    entered: watch::Sender<u64>,
+    /// The gate of those appends; it counts the appends that arrived while it was held.
+    pub(crate) appends: Gate,
     /// While set, every commit that removes a saga outbox entry (a command's outcome being
     /// recorded) fails: the command took effect, but its saga never hears of it.
     refuse_outcomes: AtomicBool,
@@ -319,30 +305,6 @@ pub(crate) struct SagaFaults {
 }
 
 impl SagaFaults {
-    /// Appends to the gated type wait from now on.
-    pub(crate) fn hold(&self) {
-        self.held.send_replace(true);
-    }
-
-    /// Lets held and later appends through.
-    pub(crate) fn release(&self) {
-        self.held.send_replace(false);
-    }
-
-    /// Appends to the gated type that were held at the gate so far.
-    pub(crate) fn entered(&self) -> u64 {
-        *self.entered.borrow()
-    }
-
-    /// Waits until `n` appends in total were held at the gate.
-    pub(crate) async fn wait_entered(&self, n: u64) {
-        let mut rx = self.entered.subscribe();
-        tokio::time::timeout(WAIT, rx.wait_for(|c| *c >= n))
-            .await
-            .unwrap_or_else(|_| panic!("timed out waiting for {n} appends at the gate"))
-            .expect("gate counter alive");
-    }
-
     /// Refuses (or accepts again) the commits that record command outcomes.
     pub(crate) fn refuse_outcomes(&self, refuse: bool) {
         self.refuse_outcomes.store(refuse, Ordering::SeqCst);
@@ -364,112 +326,39 @@ impl SagaFaults {
 }
 
 /// An [`EventStore`] delegating to sled, with the faults armed in [`SagaFaults`].
-pub(crate) struct SagaFaultStore {
-    inner: Arc<dyn EventStore>,
-    faults: Arc<SagaFaults>,
-}
+pub(crate) type SagaFaultStore = Wrapped<SagaFaults>;
 
 impl SagaFaultStore {
     pub(crate) fn wrap(inner: impl EventStore, gated: &str) -> (Self, Arc<SagaFaults>) {
-        let faults = Arc::new(SagaFaults {
+        let faults = SagaFaults {
             gated_type: gated.to_owned(),
-            held: watch::channel(false).0,
-            entered: watch::channel(0).0,
+            appends: Gate::counting_held(),
             refuse_outcomes: AtomicBool::new(false),
             refuse_saga_commits: AtomicBool::new(false),
             refused: watch::channel(0).0,
-        });
-        (
-            Self {
-                inner: Arc::new(inner),
-                faults: faults.clone(),
-            },
-            faults,
-        )
+        };
+        Wrapped::new(inner, faults)
     }
 }
 
 #[async_trait]
-impl EventStore for SagaFaultStore {
-    async fn append(&self, request: AppendRequest) -> Result<AppendResult, StoreError> {
-        if *request.stream.aggregate_type == *self.faults.gated_type {
-            let mut held = self.faults.held.subscribe();
-            if *held.borrow_and_update() {
-                self.faults.entered.send_modify(|c| *c += 1);
-                let _ = held.wait_for(|h| !*h).await;
-            }
+impl Wrap for SagaFaults {
+    async fn append(
+        &self,
+        inner: &dyn EventStore,
+        request: AppendRequest,
+    ) -> Result<AppendResult, StoreError> {
+        if *request.stream.aggregate_type == *self.gated_type {
+            self.appends.pass().await;
         }
-        self.inner.append(request).await
+        inner.append(request).await
     }
 
-    async fn read_stream(
+    async fn kv_commit(
         &self,
-        stream: &StreamId,
-        from: u64,
-        to: u64,
-        max: usize,
-    ) -> Result<StreamSlice, StoreError> {
-        self.inner.read_stream(stream, from, to, max).await
-    }
-
-    async fn highest_sequence(&self, stream: &StreamId) -> Result<u64, StoreError> {
-        self.inner.highest_sequence(stream).await
-    }
-
-    async fn read_log(&self, from: u64, max: usize) -> Result<Vec<EventEnvelope>, StoreError> {
-        self.inner.read_log(from, max).await
-    }
-
-    fn head(&self) -> u64 {
-        self.inner.head()
-    }
-
-    fn watch_head(&self) -> watch::Receiver<u64> {
-        self.inner.watch_head()
-    }
-
-    async fn delete_to(&self, stream: &StreamId, to_sequence: u64) -> Result<(), StoreError> {
-        self.inner.delete_to(stream, to_sequence).await
-    }
-
-    async fn save_snapshot(&self, snapshot: SnapshotRecord) -> Result<(), StoreError> {
-        self.inner.save_snapshot(snapshot).await
-    }
-
-    async fn latest_snapshot(
-        &self,
-        stream: &StreamId,
-        criteria: SnapshotCriteria,
-    ) -> Result<Option<SnapshotRecord>, StoreError> {
-        self.inner.latest_snapshot(stream, criteria).await
-    }
-
-    async fn delete_snapshots(
-        &self,
-        stream: &StreamId,
-        criteria: SnapshotCriteria,
-    ) -> Result<u64, StoreError> {
-        self.inner.delete_snapshots(stream, criteria).await
-    }
-
-    async fn command_records(&self, stream: &StreamId) -> Result<Vec<CommandRecord>, StoreError> {
-        self.inner.command_records(stream).await
-    }
-
-    async fn kv_get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.inner.kv_get(table, key).await
-    }
-
-    async fn kv_scan(
-        &self,
-        table: &str,
-        from: &[u8],
-        max: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
-        self.inner.kv_scan(table, from, max).await
-    }
-
-    async fn kv_commit(&self, writes: Vec<KvWrite>) -> Result<(), StoreError> {
+        inner: &dyn EventStore,
+        writes: Vec<KvWrite>,
+    ) -> Result<(), StoreError> {
         let saga_table = |t: &str| t.starts_with("$saga/");
         let records_outcome = writes.iter().any(|w| {
             matches!(w, KvWrite::Delete { table, .. } if saga_table(table) && table.ends_with("/outbox"))
@@ -479,22 +368,13 @@ impl EventStore for SagaFaultStore {
             | KvWrite::Delete { table, .. }
             | KvWrite::Clear { table } => saga_table(table),
         });
-        let f = &self.faults;
-        if (records_outcome && f.refuse_outcomes.load(Ordering::SeqCst))
-            || (writes_saga && f.refuse_saga_commits.load(Ordering::SeqCst))
+        if (records_outcome && self.refuse_outcomes.load(Ordering::SeqCst))
+            || (writes_saga && self.refuse_saga_commits.load(Ordering::SeqCst))
         {
-            f.refused.send_modify(|c| *c += 1);
+            self.refused.send_modify(|c| *c += 1);
             return Err(StoreError::Storage("injected saga commit failure".into()));
         }
-        self.inner.kv_commit(writes).await
-    }
-
-    async fn flush(&self) -> Result<(), StoreError> {
-        self.inner.flush().await
-    }
-
-    async fn close(&self) -> Result<(), StoreError> {
-        self.inner.close().await
+        inner.kv_commit(writes).await
     }
 }
 

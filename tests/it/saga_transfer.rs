@@ -27,14 +27,14 @@ async fn a_requested_transfer_runs_as_one_instance_deleted_when_it_ends() {
     open_bank(&rt, &[("a", 1_000), ("b", 0)], &[]).await;
 
     // Hold the withdrawal in its append: the instance is caught mid-flight.
-    faults.hold();
+    faults.appends.hold();
     request(&rt, "t1", "a", "b", 250).await;
-    faults.wait_entered(1).await;
+    faults.appends.wait_entered(1).await;
     assert_eq!(instances(&*store, TransferSaga::NAME).await, ["t1"]);
     let in_flight = outbox(&*store, TransferSaga::NAME).await;
     assert_eq!(in_flight.len(), 1, "one command sent: the withdrawal");
 
-    faults.release();
+    faults.appends.release();
     idle(&rt, TransferSaga::NAME).await;
     assert!(instances(&*store, TransferSaga::NAME).await.is_empty());
     assert!(saga_table(&*store, TransferSaga::NAME, "deadlines")

@@ -8,13 +8,12 @@
 //! share one database, so each child continues the streams the previous one left.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use incarnate::{AppendRequest, EventStore, SledStore, StreamId};
 
+use crate::crash_child::{child_env, emit, seed, CrashChild, Rng};
 use crate::support::{account, events_for, open_sled, payload_of, read_all, read_whole_log};
 
 /// Carries the database path to the child; the child test does nothing without it.
@@ -32,29 +31,12 @@ fn writer_stream(w: usize) -> StreamId {
     account(&format!("crash-{w}"))
 }
 
-/// A small xorshift generator: kill points vary between runs, and the seed is in every failure
-/// message so a failing run can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 #[test]
 fn sigkill_during_sync_appends_loses_no_acknowledged_append_and_no_partial_one() {
-    let seed = std::env::var("INCARNATE_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| crate::support::now_micros() | 1);
+    let seed = seed("INCARNATE_CRASH_SEED");
     let mut rng = Rng(seed);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db");
-    let exe = std::env::current_exe().unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     // The highest acknowledged sequence of each writer over every round so far.
     let mut acked = vec![0u64; WRITERS];
@@ -62,49 +44,24 @@ fn sigkill_during_sync_appends_loses_no_acknowledged_append_and_no_partial_one()
     for round in 0..ROUNDS {
         let kill_after = 20 + rng.next() % 181;
         let context = format!("seed {seed}, round {round}, kill after {kill_after} acks");
-        let mut child = Command::new(&exe)
-            .args([CHILD_TEST, "--exact", "--ignored", "--nocapture"])
-            .args(["--test-threads", "1"])
-            .env(CHILD_ENV, &path)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut stderr = child.stderr.take().unwrap();
-        let stderr = std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = stderr.read_to_string(&mut text);
-            text
-        });
+        let child = CrashChild::spawn(CHILD_TEST, [(CHILD_ENV, &path)]);
 
         let mut acks = 0u64;
-        let mut killed = false;
         // Reading to the end also collects the acks still in the pipe after the kill: each was
         // printed after its append returned, so each must have survived.
-        for line in stdout.lines() {
-            let line = line.unwrap();
+        let end = child.run(|line| {
             let Some(rest) = line.strip_prefix("ACK ") else {
-                continue;
+                return false;
             };
             let (w, last) = rest.split_once(' ').unwrap();
             let (w, last): (usize, u64) = (w.parse().unwrap(), last.parse().unwrap());
             assert!(last > acked[w], "{context}: writer {w} acked {last} twice");
             acked[w] = last;
             acks += 1;
-            if acks == kill_after && !killed {
-                child.kill().unwrap(); // SIGKILL: no destructors, no flush
-                killed = true;
-            }
-        }
-        let status = child.wait().unwrap();
-        let stderr = stderr.join().unwrap();
-        assert!(
-            killed,
-            "{context}: the child exited after {acks} acks ({status}):\n{stderr}"
-        );
-        assert!(!status.success(), "{context}: the child was not killed");
+            acks == kill_after
+        });
+        end.assert_killed(&context, &format!("{acks} acks"));
+        assert!(!end.status.success(), "{context}: the child was not killed");
 
         runtime.block_on(check_recovered(&path, &acked, &context));
     }
@@ -161,14 +118,9 @@ async fn check_recovered(path: &Path, acked: &[u64], context: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by the crash test in a child process"]
 async fn crash_child() {
-    let Some(path) = std::env::var_os(CHILD_ENV) else {
+    let Some(path) = child_env(CHILD_ENV) else {
         return;
     };
-    // If the parent dies, stdin closes: stop rather than outlive it.
-    std::thread::spawn(|| {
-        let _ = std::io::stdin().read_to_end(&mut Vec::new());
-        std::process::exit(3);
-    });
     let store = Arc::new(open_sled(Path::new(&path)));
     let writers: Vec<_> = (0..WRITERS)
         .map(|w| tokio::spawn(child_writer(store.clone(), w)))
@@ -189,8 +141,6 @@ async fn child_writer(store: Arc<SledStore>, w: usize) {
             .await
             .unwrap();
         version = done.last_sequence;
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "ACK {w} {version}").unwrap();
-        out.flush().unwrap();
+        emit(format_args!("ACK {w} {version}"));
     }
 }

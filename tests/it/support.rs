@@ -3,12 +3,15 @@
 // Shared helpers: not every test module uses every one.
 #![allow(dead_code)]
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use incarnate::{
-    AppendRequest, AppendResult, Causation, Durability, EventEnvelope, EventStore, MemoryStore,
-    NewEvent, SledStore, SledStoreConfig, StoreError, StreamId, StreamSlice,
+    AppendRequest, AppendResult, Causation, Config, Durability, DurabilityMode, EventEnvelope,
+    EventStore, MemoryStore, NewEvent, Runtime, SledStore, SledStoreConfig, StoreError, StreamId,
+    StreamSlice,
 };
 use tempfile::TempDir;
 
@@ -178,4 +181,56 @@ pub(crate) fn now_micros() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock after 1970");
     u64::try_from(since.as_micros()).expect("fits in u64")
+}
+
+/// How long a test waits for a signal or an asynchronous effect before failing.
+pub(crate) const SIGNAL_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Awaits `future`, failing the test with `what` if it takes longer than [`SIGNAL_TIMEOUT`].
+pub(crate) async fn within<F: Future>(what: &str, future: F) -> F::Output {
+    match tokio::time::timeout(SIGNAL_TIMEOUT, future).await {
+        Ok(out) => out,
+        Err(_) => panic!("timed out after {SIGNAL_TIMEOUT:?} waiting for {what}"),
+    }
+}
+
+/// A temporary sled directory that outlives the runtimes built on it, so a test can shut one
+/// down (which closes the store) and build the next one on the same data: a real restart.
+pub(crate) struct TempDb {
+    path: PathBuf,
+    _dir: TempDir,
+}
+
+impl TempDb {
+    pub(crate) fn new() -> Self {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        Self {
+            path: dir.path().join("db"),
+            _dir: dir,
+        }
+    }
+
+    /// The sled database directory.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// The configuration the runtime and saga tests start from: the sled store at `path` in `sync`
+/// durability, two actor threads, a command timeout short enough that a lost reply fails the
+/// test instead of hanging it, and no idle passivation unless a test asks for it.
+pub(crate) fn test_config(path: &Path) -> Config {
+    let mut c = Config::default();
+    c.store.path = path.to_path_buf();
+    c.store.durability = DurabilityMode::Sync;
+    c.store.cache_capacity_mb = 16;
+    c.runtime.arbiters = 2;
+    c.runtime.command_timeout_ms = 15_000;
+    c.aggregates.default.idle_timeout_ms = 0;
+    c
+}
+
+/// Shuts a runtime down and fails the test if that fails.
+pub(crate) async fn shutdown(rt: Runtime) {
+    rt.shutdown().await.expect("shutdown");
 }
