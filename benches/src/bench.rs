@@ -48,6 +48,14 @@ struct Args {
     /// List the workloads and exit.
     #[arg(long)]
     list: bool,
+
+    /// Internal: the child process of `memory_per_live`, activating N aggregates.
+    #[arg(long, value_name = "N", hide = true)]
+    memory_child: Option<usize>,
+
+    /// Internal: the child process of `peer_cqrs_es` (the cqrs-es side).
+    #[arg(long, hide = true)]
+    peer_child: bool,
 }
 
 fn main() -> ExitCode {
@@ -61,6 +69,12 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), BoxError> {
+    if let Some(n) = args.memory_child {
+        return workloads::memory_per_live::child(n);
+    }
+    if args.peer_child {
+        return workloads::peer_cqrs_es::child();
+    }
     let all = workloads::all();
     if args.list {
         for w in &all {
@@ -85,8 +99,8 @@ fn run(args: Args) -> Result<(), BoxError> {
         .build()?;
 
     println!(
-        "incarnate-bench: {} mode, {} rounds per metric, {} events per round, {} CPUs, \
-         load average {}, data in {}",
+        "incarnate-bench: {} mode, {} rounds per metric, {} events per store_append round, \
+         {} CPUs, load average {}, data in {}",
         if args.quick { "quick" } else { "full" },
         settings.rounds,
         settings.events,
@@ -99,8 +113,16 @@ fn run(args: Args) -> Result<(), BoxError> {
     let mut metrics: Vec<Metric> = Vec::new();
     for workload in &selected {
         let t = Instant::now();
-        let mut rounds = Vec::with_capacity(settings.rounds);
-        for round in 0..settings.rounds {
+        let count = match workload.max_rounds {
+            0 => settings.rounds,
+            n => n.min(settings.rounds),
+        };
+        let settings = workloads::Settings {
+            rounds: count,
+            ..settings.clone()
+        };
+        let mut rounds = Vec::with_capacity(count);
+        for round in 0..count {
             let samples = (workload.run_round)(&runtime, &settings, round)
                 .map_err(|e| format!("{} round {round}: {e}", workload.name))?;
             for sample in &samples {

@@ -2,6 +2,16 @@
 //! the driver repeats it, takes medians and reports. To add one: write a module with a
 //! `WORKLOAD` constant and list it in [`all`].
 
+pub(crate) mod activation_flat;
+pub(crate) mod buffered_many;
+pub(crate) mod durable_hot;
+pub(crate) mod durable_many;
+pub(crate) mod latency_sync;
+pub(crate) mod memory_per_live;
+pub(crate) mod node;
+pub(crate) mod peer_cqrs_es;
+pub(crate) mod projection_catchup;
+pub(crate) mod replay_cost;
 pub(crate) mod store_append_buffered;
 pub(crate) mod store_append_sync;
 pub(crate) mod support;
@@ -12,7 +22,19 @@ use crate::BoxError;
 
 /// Every workload, in the order they run.
 pub(crate) fn all() -> Vec<Workload> {
-    vec![store_append_sync::WORKLOAD, store_append_buffered::WORKLOAD]
+    vec![
+        store_append_sync::WORKLOAD,
+        store_append_buffered::WORKLOAD,
+        durable_many::WORKLOAD,
+        durable_hot::WORKLOAD,
+        buffered_many::WORKLOAD,
+        latency_sync::WORKLOAD,
+        activation_flat::WORKLOAD,
+        replay_cost::WORKLOAD,
+        memory_per_live::WORKLOAD,
+        projection_catchup::WORKLOAD,
+        peer_cqrs_es::WORKLOAD,
+    ]
 }
 
 /// How big a run is.
@@ -22,6 +44,8 @@ pub(crate) struct Settings {
     pub(crate) rounds: usize,
     /// Events (or commands) per round, for workloads that count them.
     pub(crate) events: usize,
+    /// The smoke run: each workload scales its own sizes down.
+    pub(crate) quick: bool,
 }
 
 impl Settings {
@@ -30,11 +54,13 @@ impl Settings {
             Self {
                 rounds: 3,
                 events: 5_000,
+                quick,
             }
         } else {
             Self {
                 rounds: 5,
                 events: 20_000,
+                quick,
             }
         }
     }
@@ -44,7 +70,6 @@ impl Settings {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Better {
     Higher,
-    #[allow(dead_code)] // For the latency workloads to come.
     Lower,
 }
 
@@ -68,4 +93,6 @@ pub(crate) struct Workload {
     /// One line for `--list`.
     pub(crate) about: &'static str,
     pub(crate) run_round: RoundFn,
+    /// At most this many rounds (0: as many as the settings say), for the heaviest workloads.
+    pub(crate) max_rounds: usize,
 }

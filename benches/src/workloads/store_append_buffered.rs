@@ -20,6 +20,7 @@ pub(crate) const WORKLOAD: Workload = Workload {
     name: "store_append_buffered",
     about: "buffered appends/s: SledStore Buffered(100 ms), 64 appenders vs sled insert, no flush",
     run_round,
+    max_rounds: 0,
 };
 
 fn run_round(

@@ -25,6 +25,7 @@ pub(crate) const WORKLOAD: Workload = Workload {
     name: "store_append_sync",
     about: "durable appends/s: SledStore Sync, 64 appenders, 1,000 streams vs sled batch(512)+flush+fsync",
     run_round,
+    max_rounds: 0,
 };
 
 fn run_round(

@@ -1,0 +1,288 @@
+//! Pieces shared by the workloads that drive the actor runtime: building an
+//! [`incarnate::Runtime`] on a temporary directory, the reference `Account` commands, command
+//! loads from concurrent callers, and the raw sled baselines sized like the stored events.
+
+use std::fs::File;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use incarnate::{Causation, Config, DurabilityMode, EventEnvelope, StreamId};
+use incarnate_actors::{Account, AccountCommand, AccountEvent};
+use tokio::runtime::Runtime as Tokio;
+
+use super::support::open_raw_sled;
+use crate::BoxError;
+
+/// The id of account number `n`.
+pub(crate) fn account_id(n: usize) -> String {
+    format!("acc-{n:06}")
+}
+
+/// The command that opens an account (a short owner: a small state).
+pub(crate) fn open() -> AccountCommand {
+    AccountCommand::Open { owner: "o".into() }
+}
+
+/// The command of a timed load: a deposit of one cent.
+pub(crate) fn deposit() -> AccountCommand {
+    AccountCommand::Deposit { amount: 1 }
+}
+
+/// Builds a runtime hosting `Account` on the sled store at `path`, with `durability`, nothing
+/// ever passivated, then `tweak` applied.
+pub(crate) fn runtime_at(
+    path: &Path,
+    durability: DurabilityMode,
+    tweak: impl FnOnce(&mut Config),
+) -> Result<incarnate::Runtime, BoxError> {
+    let path = path.to_path_buf();
+    Ok(incarnate::Runtime::builder()
+        .configure(|c| {
+            c.store.path = path;
+            c.store.durability = durability;
+            c.aggregates.default.idle_timeout_ms = 0;
+            c.aggregates.default.max_live = 0;
+            tweak(c);
+        })
+        .register::<Account>()
+        .build()?)
+}
+
+/// The stored size of one `Deposited` event as the runtime writes it: the one-byte format tag
+/// and the rmp-serde envelope (default command options: no correlation or command id).
+pub(crate) fn deposit_record_len() -> Result<usize, BoxError> {
+    let envelope = EventEnvelope {
+        event_id: uuid::Uuid::now_v7(),
+        stream: StreamId::new("account", account_id(4_242)),
+        sequence: 3,
+        position: 12_345,
+        timestamp_micros: 1_750_000_000_000_000,
+        event_type: AccountEvent::DEPOSITED.to_owned(),
+        schema_version: 1,
+        causation: Causation::default(),
+        payload: rmp_serde::to_vec(&AccountEvent::Deposited { amount: 1 })?,
+    };
+    Ok(rmp_serde::to_vec(&envelope)?.len() + 1)
+}
+
+/// Which accounts caller `t` of `callers` drives among `aggregates`: its own share, or (more
+/// callers than accounts) one shared account.
+fn caller_ids(t: usize, callers: usize, aggregates: usize) -> Vec<String> {
+    let own: Vec<String> = (t..aggregates).step_by(callers).map(account_id).collect();
+    if own.is_empty() {
+        vec![account_id(t % aggregates)]
+    } else {
+        own
+    }
+}
+
+/// Opens accounts `0..aggregates` from `callers` concurrent tasks (untimed set-up; activates
+/// them).
+pub(crate) async fn open_all(
+    rt: &incarnate::Runtime,
+    aggregates: usize,
+    callers: usize,
+) -> Result<(), BoxError> {
+    let callers = callers.min(aggregates).max(1);
+    let mut tasks = Vec::with_capacity(callers);
+    for t in 0..callers {
+        let rt = rt.clone();
+        tasks.push(tokio::spawn(async move {
+            for n in (t..aggregates).step_by(callers) {
+                rt.send::<Account>(account_id(n), open()).await?;
+            }
+            Ok::<(), BoxError>(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
+}
+
+/// `commands` deposits from `callers` concurrent tasks, each waiting for its previous command
+/// (closed loop), round-robin over its accounts. Returns the elapsed time.
+pub(crate) async fn deposits(
+    rt: &incarnate::Runtime,
+    aggregates: usize,
+    callers: usize,
+    commands: usize,
+) -> Result<Duration, BoxError> {
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(callers);
+    for t in 0..callers {
+        let rt = rt.clone();
+        let ids = caller_ids(t, callers, aggregates);
+        let count = commands / callers + usize::from(t < commands % callers);
+        tasks.push(tokio::spawn(async move {
+            for i in 0..count {
+                rt.send::<Account>(&ids[i % ids.len()], deposit()).await?;
+            }
+            Ok::<(), BoxError>(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(start.elapsed())
+}
+
+/// A command load on a fresh runtime: `aggregates` accounts opened (untimed), then `commands`
+/// deposits from `callers` closed-loop callers, timed from the first send to the last reply.
+/// Returns commands/s. Checks the log head afterwards.
+pub(crate) fn command_rate(
+    tokio: &Tokio,
+    durability: DurabilityMode,
+    aggregates: usize,
+    callers: usize,
+    commands: usize,
+) -> Result<f64, BoxError> {
+    let dir = tempfile::tempdir()?;
+    let rt = runtime_at(dir.path(), durability, |c| {
+        c.aggregates.default.mailbox_capacity = callers.max(1024);
+    })?;
+    let result = tokio.block_on(async {
+        open_all(&rt, aggregates, callers).await?;
+        let elapsed = deposits(&rt, aggregates, callers, commands).await?;
+        let head = rt.store().head();
+        rt.shutdown().await?;
+        let expected = (aggregates + commands) as u64;
+        if head != expected {
+            return Err(format!("expected {expected} events in the log, found {head}").into());
+        }
+        Ok::<_, BoxError>(commands as f64 / elapsed.as_secs_f64())
+    });
+    drop(dir);
+    result
+}
+
+/// The 16-byte raw key of event `i` over `streams` interleaved streams.
+fn raw_key(i: usize, streams: usize) -> [u8; 16] {
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&((i % streams) as u64).to_be_bytes());
+    key[8..].copy_from_slice(&((i / streams) as u64 + 1).to_be_bytes());
+    key
+}
+
+/// Raw sled, the durable group-commit ceiling: batches of `batch` inserts of `value_len`-byte
+/// values over `streams` streams, each batch followed by `Db::flush()` + `fdatasync` of the `db`
+/// file. Returns events/s.
+pub(crate) fn raw_group_commit(
+    events: usize,
+    streams: usize,
+    value_len: usize,
+    batch: usize,
+) -> Result<f64, BoxError> {
+    let dir = tempfile::tempdir()?;
+    let (db, tree) = open_raw_sled(dir.path())?;
+    let data_file = File::open(dir.path().join("db"))?;
+    let value = vec![0x5a_u8; value_len];
+    let start = Instant::now();
+    for first in (0..events).step_by(batch) {
+        let mut b = sled::Batch::default();
+        for i in first..(first + batch).min(events) {
+            b.insert(&raw_key(i, streams)[..], &value[..]);
+        }
+        tree.apply_batch(b)?;
+        db.flush()?;
+        data_file.sync_data()?;
+    }
+    let elapsed = start.elapsed();
+    if tree.len() != events {
+        return Err(format!("expected {events} keys, found {}", tree.len()).into());
+    }
+    Ok(events as f64 / elapsed.as_secs_f64())
+}
+
+/// Raw sled, the buffered ceiling: one `Tree::insert` per event from one thread, never flushed.
+pub(crate) fn raw_inserts(
+    events: usize,
+    streams: usize,
+    value_len: usize,
+) -> Result<f64, BoxError> {
+    let dir = tempfile::tempdir()?;
+    let (_db, tree) = open_raw_sled(dir.path())?;
+    let value = vec![0x5a_u8; value_len];
+    let start = Instant::now();
+    for i in 0..events {
+        tree.insert(&raw_key(i, streams)[..], &value[..])?;
+    }
+    let elapsed = start.elapsed();
+    if tree.len() != events {
+        return Err(format!("expected {events} keys, found {}", tree.len()).into());
+    }
+    Ok(events as f64 / elapsed.as_secs_f64())
+}
+
+/// Writes the history of account `id`: `Open` then `events - 1` deposits, one caller after the
+/// other (so with `snapshot_every = k` a snapshot lands exactly on every multiple of k).
+pub(crate) async fn write_history(
+    rt: &incarnate::Runtime,
+    id: &str,
+    events: usize,
+) -> Result<(), BoxError> {
+    rt.send::<Account>(id, open()).await?;
+    for _ in 1..events {
+        rt.send::<Account>(id, deposit()).await?;
+    }
+    Ok(())
+}
+
+/// Opens a database the store has just closed with raw sled, waiting for the store's sled I/O
+/// threads to release the file lock.
+pub(crate) fn reopen_raw(path: &Path) -> Result<sled::Db, BoxError> {
+    let started = Instant::now();
+    loop {
+        match sled::Config::new()
+            .path(path)
+            .cache_capacity(256 * 1024 * 1024)
+            .flush_every_ms(None)
+            .open()
+        {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(e))
+                if e.to_string().starts_with("could not acquire lock")
+                    && started.elapsed() < Duration::from_secs(5) =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Decodes one stored log record (format tag + rmp-serde envelope) as the store does.
+pub(crate) fn decode_record(bytes: &[u8]) -> Result<EventEnvelope, BoxError> {
+    match bytes.split_first() {
+        Some((1, rest)) => Ok(rmp_serde::from_slice(rest)?),
+        _ => Err("unknown envelope format".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The baselines' value size is the size of a `Deposited` record the runtime really stores,
+    /// give or take the width of the position and sequence numbers (msgpack integers take 1 to 9
+    /// bytes: this test's record sits at position 2, the estimate at position 12,345).
+    #[test]
+    fn deposit_record_len_matches_the_stored_record() -> Result<(), BoxError> {
+        let dir = tempfile::tempdir()?;
+        let tokio = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        let rt = runtime_at(dir.path(), DurabilityMode::Buffered, |_| {})?;
+        let stored = tokio.block_on(async {
+            rt.send::<Account>(account_id(4_242), open()).await?;
+            rt.send::<Account>(account_id(4_242), deposit()).await?;
+            let log = rt.store().read_log(2, 1).await?;
+            rt.shutdown().await?;
+            let envelope = log.first().ok_or("empty log")?;
+            Ok::<usize, BoxError>(rmp_serde::to_vec(envelope)?.len() + 1)
+        })?;
+        let estimate = deposit_record_len()?;
+        assert!(estimate.abs_diff(stored) <= 4, "{estimate} vs {stored}");
+        Ok(())
+    }
+}
