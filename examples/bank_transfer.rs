@@ -7,7 +7,7 @@
 //!
 //! Run with `cargo run --example bank_transfer`. Data goes to `data/bank_transfer` (wiped first).
 
-use incarnate::{Config, Runtime, StoreSettings};
+use incarnate::Runtime;
 use incarnate_actors::account::{Account, AccountCommand};
 use incarnate_actors::balances::{statement, AccountBalances, BALANCES};
 use incarnate_actors::transfer::{Transfer, TransferCommand, TransferSaga};
@@ -19,15 +19,8 @@ type Error = Box<dyn std::error::Error>;
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let _ = std::fs::remove_dir_all(DATA_DIR);
-    let config = Config {
-        store: StoreSettings {
-            path: DATA_DIR.into(),
-            ..StoreSettings::default()
-        },
-        ..Config::default()
-    };
     let rt = Runtime::builder()
-        .config(config)
+        .data_dir(DATA_DIR)
         .register::<Account>()
         .register::<Transfer>()
         .projector(AccountBalances)

@@ -44,9 +44,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use incarnate::{
-    CommandError, Committed, Config, ProjectionError, Runtime, RuntimeError, StoreSettings,
-};
+use incarnate::{CommandError, Committed, ProjectionError, Runtime, RuntimeError};
 use incarnate_actors::account::{Account, AccountCommand, AccountError};
 use incarnate_actors::balances::{statement, AccountBalances, BALANCES};
 use incarnate_actors::transfer::{
@@ -79,15 +77,8 @@ async fn main() -> Result<(), Error> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
 
-    let config = Config {
-        store: StoreSettings {
-            path: data_dir.clone(),
-            ..StoreSettings::default()
-        },
-        ..Config::default()
-    };
     let rt = Runtime::builder()
-        .config(config)
+        .data_dir(data_dir.clone())
         .register::<Account>()
         .register::<Transfer>()
         .projector(AccountBalances)

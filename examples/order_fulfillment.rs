@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use incarnate::{Config, Runtime, StoreSettings};
+use incarnate::Runtime;
 use incarnate_actors::order::{
     CancelReason, Inventory, InventoryCommand, Order, OrderCommand, OrderSaga, OrderStatus,
 };
@@ -26,15 +26,8 @@ type Error = Box<dyn std::error::Error>;
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let _ = std::fs::remove_dir_all(DATA_DIR);
-    let config = Config {
-        store: StoreSettings {
-            path: DATA_DIR.into(),
-            ..StoreSettings::default()
-        },
-        ..Config::default()
-    };
     let rt = Runtime::builder()
-        .config(config)
+        .data_dir(DATA_DIR)
         .register::<Order>()
         .register::<Inventory>()
         .saga(OrderSaga {

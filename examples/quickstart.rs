@@ -3,21 +3,14 @@
 //!
 //! Run with `cargo run --example quickstart`. Data goes to `data/quickstart` (wiped first).
 
-use incarnate::{CommandError, Config, DomainEvent, Runtime, StoreSettings};
+use incarnate::{CommandError, DomainEvent, Runtime};
 use incarnate_actors::account::{Account, AccountCommand, AccountError};
 
 const DATA_DIR: &str = "data/quickstart";
 
 fn runtime() -> Result<Runtime, Box<dyn std::error::Error>> {
-    let config = Config {
-        store: StoreSettings {
-            path: DATA_DIR.into(),
-            ..StoreSettings::default()
-        },
-        ..Config::default()
-    };
     Ok(Runtime::builder()
-        .config(config)
+        .data_dir(DATA_DIR)
         .register::<Account>()
         .build()?)
 }

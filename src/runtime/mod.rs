@@ -130,6 +130,12 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Keeps the embedded sled store in `path` (the `store.path` setting).
+    pub fn data_dir(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.config.store.path = path.into();
+        self
+    }
+
     /// Changes the configuration in place.
     pub fn configure(mut self, f: impl FnOnce(&mut Config)) -> Self {
         f(&mut self.config);
