@@ -346,21 +346,12 @@ impl Runtime {
         self.inner.store.clone()
     }
 
-    fn shared<A: Aggregate>(&self) -> Result<&TypeShared<A>, RuntimeError> {
+    fn shared<A: Aggregate>(&self) -> Result<&Arc<TypeShared<A>>, RuntimeError> {
         self.inner
             .types
             .get(&TypeId::of::<A>())
             .and_then(|(_, t)| t.as_any().downcast_ref::<Registered<A>>())
-            .map(|r| &*r.0)
-            .ok_or(RuntimeError::UnknownAggregateType(A::TYPE))
-    }
-
-    fn shared_arc<A: Aggregate>(&self) -> Result<Arc<TypeShared<A>>, RuntimeError> {
-        self.inner
-            .types
-            .get(&TypeId::of::<A>())
-            .and_then(|(_, t)| t.as_any().downcast_ref::<Registered<A>>())
-            .map(|r| r.0.clone())
+            .map(|r| &r.0)
             .ok_or(RuntimeError::UnknownAggregateType(A::TYPE))
     }
 
@@ -550,7 +541,7 @@ impl Runtime {
         if !self.inner.accepting.load(Ordering::Acquire) {
             return Err(RuntimeError::Stopped.into());
         }
-        let shared = self.shared_arc::<A>()?;
+        let shared = self.shared::<A>()?.clone();
         let dispatch = shared.dispatch(id, kind);
         let finished = if tokio::runtime::Handle::try_current().is_ok() {
             tokio::time::timeout(timeout, dispatch).await.ok()

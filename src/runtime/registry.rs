@@ -6,7 +6,7 @@
 //! distributed placement would go.
 
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -89,7 +89,6 @@ pub(crate) struct TypeShared<A: Aggregate> {
     incarnations: AtomicU64,
     uses: AtomicU64,
     started: Instant,
-    live: AtomicUsize,
     sweep_now: Notify,
 }
 
@@ -110,7 +109,6 @@ impl<A: Aggregate> TypeShared<A> {
             incarnations: AtomicU64::new(0),
             uses: AtomicU64::new(0),
             started: Instant::now(),
-            live: AtomicUsize::new(0),
             sweep_now: Notify::new(),
         }
     }
@@ -176,8 +174,7 @@ impl<A: Aggregate> TypeShared<A> {
                 out
             }
         };
-        let live = self.live.fetch_add(1, Ordering::Relaxed) + 1;
-        if self.settings.max_live > 0 && live > self.settings.max_live {
+        if self.settings.max_live > 0 && self.registry.len() > self.settings.max_live {
             self.sweep_now.notify_one();
         }
         Ok(slot)
@@ -192,13 +189,8 @@ impl<A: Aggregate> TypeShared<A> {
 
     /// Removes `id`'s slot if it still belongs to `incarnation`.
     pub(crate) fn forget(&self, id: &AggregateId, incarnation: u64) {
-        if self
-            .registry
-            .remove_if(id, |_, slot| slot.incarnation == incarnation)
-            .is_some()
-        {
-            self.live.fetch_sub(1, Ordering::Relaxed);
-        }
+        self.registry
+            .remove_if(id, |_, slot| slot.incarnation == incarnation);
     }
 
     /// Delivers work to `id`'s actor, following it across passivations.

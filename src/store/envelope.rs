@@ -89,13 +89,7 @@ impl EventEnvelope {
 
     /// Encodes the envelope for storage.
     pub(crate) fn encode(&self) -> Result<Vec<u8>, StoreError> {
-        let mut buf = Vec::with_capacity(96 + self.payload.len());
-        buf.push(ENVELOPE_FORMAT);
-        rmp_serde::encode::write(&mut buf, self).map_err(|source| StoreError::Encode {
-            what: "event envelope",
-            source,
-        })?;
-        Ok(buf)
+        encode_tagged(self, "event envelope", 96 + self.payload.len())
     }
 
     /// Decodes a stored envelope; `stream` and `sequence` name the record in the error.
@@ -104,19 +98,7 @@ impl EventEnvelope {
         stream: &StreamId,
         sequence: u64,
     ) -> Result<Self, StoreError> {
-        let err = |reason: String| StoreError::Decode {
-            what: "event envelope",
-            stream: stream.clone(),
-            sequence,
-            reason,
-        };
-        match bytes.split_first() {
-            Some((&ENVELOPE_FORMAT, rest)) => {
-                rmp_serde::from_slice(rest).map_err(|e| err(e.to_string()))
-            }
-            Some((tag, _)) => Err(err(format!("unknown envelope format {tag}"))),
-            None => Err(err("empty record".to_owned())),
-        }
+        decode_tagged(bytes, "event envelope", stream, sequence)
     }
 }
 
@@ -138,13 +120,7 @@ pub struct SnapshotRecord {
 
 impl SnapshotRecord {
     pub(crate) fn encode(&self) -> Result<Vec<u8>, StoreError> {
-        let mut buf = Vec::with_capacity(64 + self.payload.len());
-        buf.push(ENVELOPE_FORMAT);
-        rmp_serde::encode::write(&mut buf, self).map_err(|source| StoreError::Encode {
-            what: "snapshot",
-            source,
-        })?;
-        Ok(buf)
+        encode_tagged(self, "snapshot", 64 + self.payload.len())
     }
 
     pub(crate) fn decode(
@@ -152,19 +128,42 @@ impl SnapshotRecord {
         stream: &StreamId,
         sequence: u64,
     ) -> Result<Self, StoreError> {
-        let err = |reason: String| StoreError::Decode {
-            what: "snapshot",
-            stream: stream.clone(),
-            sequence,
-            reason,
-        };
-        match bytes.split_first() {
-            Some((&ENVELOPE_FORMAT, rest)) => {
-                rmp_serde::from_slice(rest).map_err(|e| err(e.to_string()))
-            }
-            Some((tag, _)) => Err(err(format!("unknown snapshot format {tag}"))),
-            None => Err(err("empty record".to_owned())),
+        decode_tagged(bytes, "snapshot", stream, sequence)
+    }
+}
+
+/// Encodes `value` behind the one-byte format tag.
+fn encode_tagged<T: Serialize>(
+    value: &T,
+    what: &'static str,
+    capacity: usize,
+) -> Result<Vec<u8>, StoreError> {
+    let mut buf = Vec::with_capacity(capacity);
+    buf.push(ENVELOPE_FORMAT);
+    rmp_serde::encode::write(&mut buf, value)
+        .map_err(|source| StoreError::Encode { what, source })?;
+    Ok(buf)
+}
+
+/// Decodes a record written by [`encode_tagged`]; `stream` and `sequence` name it in the error.
+fn decode_tagged<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    what: &'static str,
+    stream: &StreamId,
+    sequence: u64,
+) -> Result<T, StoreError> {
+    let err = |reason: String| StoreError::Decode {
+        what,
+        stream: stream.clone(),
+        sequence,
+        reason,
+    };
+    match bytes.split_first() {
+        Some((&ENVELOPE_FORMAT, rest)) => {
+            rmp_serde::from_slice(rest).map_err(|e| err(e.to_string()))
         }
+        Some((tag, _)) => Err(err(format!("unknown {what} format {tag}"))),
+        None => Err(err("empty record".to_owned())),
     }
 }
 
