@@ -205,7 +205,7 @@ impl<A: Aggregate> AggregateActor<A> {
                         .insert(record, act.shared.settings.dedup_window, &mut forget);
                 }
                 act.phase = Phase::Ready;
-                act.drive(ctx);
+                act.drive(ctx, None);
             }
             Err(error) => {
                 tracing::warn!(stream = %act.stream, %error, "activation failed");
@@ -244,79 +244,111 @@ impl<A: Aggregate> AggregateActor<A> {
         ctx.stop();
     }
 
-    /// Decides as much queued work as one batch allows, then writes or replies.
-    fn drive(&mut self, ctx: &mut Context<Self>) {
-        if self.phase != Phase::Ready {
-            return;
-        }
-        let mut batch = Batch {
-            expected_version: self.version,
-            version: self.version,
-            events: Vec::new(),
-            records: Vec::new(),
-            forget: Vec::new(),
-            decided: Vec::new(),
-            poisoned: None,
-        };
-        let max = self.shared.settings.max_batch_commands;
-        while let Some(front) = self.queue.front() {
-            let in_batch = !batch.decided.is_empty();
-            match front.kind {
-                WorkKind::Inspect(_) | WorkKind::Stop if in_batch => break,
-                WorkKind::Command { .. } if batch.decided.len() >= max => break,
-                _ => {}
+    /// Decides work in batches, `first` ahead of anything queued, until a batch needs a write,
+    /// the actor stops or reloads, or nothing is left.
+    ///
+    /// A batch that needs no write (reads, rejections without a command id, commands without
+    /// events) is answered at once and the next one starts: otherwise work queued behind it
+    /// would wait for a message that may never come.
+    fn drive(&mut self, ctx: &mut Context<Self>, mut first: Option<Work<A>>) {
+        if self.phase != Phase::Ready || !self.queue.is_empty() {
+            if let Some(work) = first.take() {
+                self.queue.push_back(work);
             }
-            let Some(Work { kind, reply }) = self.queue.pop_front() else {
-                break;
+            if self.phase != Phase::Ready {
+                return;
+            }
+        }
+        let max = self.shared.settings.max_batch_commands;
+        loop {
+            let mut batch = Batch {
+                expected_version: self.version,
+                version: self.version,
+                events: Vec::new(),
+                records: Vec::new(),
+                forget: Vec::new(),
+                decided: Vec::new(),
+                poisoned: None,
             };
-            match kind {
-                WorkKind::Inspect(inspect) => {
-                    let (state, version) = (&self.state, self.version);
-                    // A panicking reader drops its result channel; its caller reports it.
-                    let _ = catch_unwind(AssertUnwindSafe(|| inspect(state, version)));
-                    let _ = reply.send(Attempt::Done(Ok(Committed {
-                        events: Vec::new(),
-                        version,
-                        first_sequence: version + 1,
-                        last_sequence: version,
-                        deduplicated: false,
-                    })));
-                }
-                WorkKind::Stop => {
-                    let _ = reply.send(Attempt::Done(Ok(Committed {
-                        events: Vec::new(),
-                        version: self.version,
-                        first_sequence: self.version + 1,
-                        last_sequence: self.version,
-                        deduplicated: false,
-                    })));
-                    self.stop(ctx);
-                    return;
-                }
-                WorkKind::Command {
-                    command,
-                    options,
-                    redecided,
-                } => {
-                    self.decide(command, options, redecided, reply, &mut batch);
-                    if batch.poisoned.is_some() {
-                        break;
+            loop {
+                let work = match first.take() {
+                    Some(work) => work,
+                    None => {
+                        let Some(front) = self.queue.front() else {
+                            break;
+                        };
+                        let in_batch = !batch.decided.is_empty();
+                        match front.kind {
+                            WorkKind::Inspect(_) | WorkKind::Stop if in_batch => break,
+                            WorkKind::Command { .. } if batch.decided.len() >= max => break,
+                            _ => {}
+                        }
+                        let Some(work) = self.queue.pop_front() else {
+                            break;
+                        };
+                        work
+                    }
+                };
+                let Work { kind, reply } = work;
+                match kind {
+                    WorkKind::Inspect(inspect) => {
+                        let (state, version) = (&self.state, self.version);
+                        // A panicking reader drops its result channel; its caller reports it.
+                        let _ = catch_unwind(AssertUnwindSafe(|| inspect(state, version)));
+                        let _ = reply.send(Attempt::Done(Ok(Committed {
+                            events: Vec::new(),
+                            version,
+                            first_sequence: version + 1,
+                            last_sequence: version,
+                            deduplicated: false,
+                        })));
+                    }
+                    WorkKind::Stop => {
+                        let _ = reply.send(Attempt::Done(Ok(Committed {
+                            events: Vec::new(),
+                            version: self.version,
+                            first_sequence: self.version + 1,
+                            last_sequence: self.version,
+                            deduplicated: false,
+                        })));
+                        self.stop(ctx);
+                        return;
+                    }
+                    WorkKind::Command {
+                        command,
+                        options,
+                        redecided,
+                    } => {
+                        self.decide(command, options, redecided, reply, &mut batch);
+                        if batch.poisoned.is_some() {
+                            break;
+                        }
                     }
                 }
             }
+            if let Some(message) = batch.poisoned.take() {
+                let error = RuntimeError::HandlerPanicked {
+                    stream: self.stream.clone(),
+                    message: format!("apply panicked: {message}"),
+                };
+                batch.fail_all(&error);
+                self.restart(ctx, false);
+                return;
+            }
+            if batch.needs_write() {
+                self.write(batch, ctx);
+                return;
+            }
+            if !batch.decided.is_empty() {
+                batch.reply_all(0);
+            }
+            if self.queue.is_empty() {
+                break;
+            }
         }
-        if let Some(message) = batch.poisoned.take() {
-            let error = RuntimeError::HandlerPanicked {
-                stream: self.stream.clone(),
-                message: format!("apply panicked: {message}"),
-            };
-            batch.fail_all(&error);
-            self.restart(ctx, false);
-        } else if batch.needs_write() {
-            self.write(batch, ctx);
-        } else if !batch.decided.is_empty() {
-            batch.reply_all(0);
-        }
+        // Idle: nothing queued, nothing in flight. The buffer goes too, so a live idle
+        // aggregate holds no queue memory (it would be several hundred bytes per actor).
+        self.queue = VecDeque::new();
     }
 
     fn decide(
@@ -503,7 +535,7 @@ impl<A: Aggregate> AggregateActor<A> {
                 self.phase = Phase::Ready;
                 batch.reply_all(done.first_position);
                 self.maybe_snapshot();
-                self.drive(ctx);
+                self.drive(ctx, None);
             }
             Err(StoreError::Conflict {
                 expected, actual, ..
@@ -639,8 +671,7 @@ impl<A: Aggregate> Handler<Deliver<A>> for AggregateActor<A> {
             return;
         }
         self.last_active = Instant::now();
-        self.queue.push_back(work);
-        self.drive(ctx);
+        self.drive(ctx, Some(work));
     }
 }
 

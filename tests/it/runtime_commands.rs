@@ -615,3 +615,29 @@ async fn the_dedup_window_is_bounded_and_survives_a_restart() {
     );
     shutdown(rt).await;
 }
+
+/// Work queued behind a batch that needs no write (here a rejection without a command id) is
+/// decided right after that batch is answered, not left waiting for the next message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_queued_behind_a_batch_without_a_write_is_not_stranded() {
+    let node = Node::new();
+    let (rt, faults) = node.faulty_runtime();
+    rt.send::<Tally>("z", TallyCommand::Add(1)).await.unwrap();
+    faults.appends.hold();
+    let entered = faults.appends.entered();
+    let held = tokio::spawn({
+        let rt = rt.clone();
+        async move { rt.send::<Tally>("z", TallyCommand::Add(2)).await }
+    });
+    faults.appends.wait_entered(entered + 1).await;
+    let rejected = started(rt.send::<Tally>("z", TallyCommand::Add(0))).await;
+    let read = started(rt.state::<Tally>("z")).await;
+    faults.appends.release();
+    assert_eq!(single_sequence(&held.await.unwrap().unwrap()), 2);
+    assert_eq!(rejection(rejected.await), TallyError::Zero);
+    let (state, version) = crate::support::within("the read queued behind the rejection", read)
+        .await
+        .unwrap();
+    assert_eq!((state, version), (Tally::of([1, 2]), 2));
+    shutdown(rt).await;
+}
