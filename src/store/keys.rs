@@ -4,16 +4,28 @@
 //! stream metadata, idempotency records and key-value writes atomically. A one-byte prefix names
 //! each record family; numbers are big-endian so byte order equals numeric order and range scans
 //! are the fast path.
+//!
+//! An append writes **one record per event**, keyed by global position, so a group commit's
+//! inserts land at the right edge of the tree one after the other. Inserting at random keys is
+//! what sled does slowest (a root-to-leaf descent and a copy of the leaf each), so the per-stream
+//! structures avoid one per event: each log record carries its stream sequence and the position of
+//! the stream's previous event (a back-chain), the stream index keeps every
+//! [`INDEX_STRIDE`]-th event only (so a window is found within `INDEX_STRIDE` hops), and stream
+//! metadata (highest sequence, last position) is written lazily, a few streams per commit. The
+//! [`META_CHECKPOINT`] says up to which position every stream's metadata is on disk; opening the
+//! store replays the log after it to rebuild the rest.
 
 use crate::domain::StreamId;
 
 use super::StoreError;
 
-/// `L` + position → encoded envelope: the global log, the one copy of each event.
+/// `L` + position → [`LogRecord`] header + encoded envelope: the global log, the one copy of each
+/// event.
 pub(crate) const LOG: u8 = b'L';
-/// `S` + stream + sequence → position: the per-stream index.
+/// `S` + stream + sequence → position: the sparse per-stream index (every
+/// [`INDEX_STRIDE`]-th sequence).
 pub(crate) const STREAM: u8 = b'S';
-/// `M` + stream → [`StreamMeta`].
+/// `M` + stream → [`StreamMeta`], as of the [`META_CHECKPOINT`] or later.
 pub(crate) const META: u8 = b'M';
 /// `P` + stream + sequence → encoded snapshot.
 pub(crate) const SNAPSHOT: u8 = b'P';
@@ -23,6 +35,18 @@ pub(crate) const COMMAND: u8 = b'C';
 pub(crate) const KV: u8 = b'K';
 /// `G` → the last assigned global position.
 pub(crate) const HEAD: &[u8] = b"G";
+/// `H` → the position up to which every stream's `M` record is up to date.
+pub(crate) const META_CHECKPOINT: &[u8] = b"H";
+/// `V` → the layout version of the database ([`LAYOUT_VERSION`]).
+pub(crate) const LAYOUT: &[u8] = b"V";
+/// The layout this build reads and writes.
+pub(crate) const LAYOUT_VERSION: u32 = 2;
+/// The sparse stream index holds the sequences divisible by this.
+pub(crate) const INDEX_STRIDE: u64 = 64;
+/// The format tag of a log record's header.
+const LOG_RECORD_FORMAT: u8 = 2;
+/// Format tag, sequence and previous position.
+const LOG_HEADER_LEN: usize = 17;
 
 /// Encodes a stream name so that no stream's key is a prefix of another's: a length-prefixed
 /// type tag, then a length-prefixed id.
@@ -63,9 +87,7 @@ pub(crate) fn log_key(position: u64) -> [u8; 9] {
 
 /// The big-endian number in the last 8 bytes of `key`, if it has them.
 pub(crate) fn trailing_u64(key: &[u8]) -> Option<u64> {
-    let start = key.len().checked_sub(8)?;
-    let bytes: [u8; 8] = key.get(start..)?.try_into().ok()?;
-    Some(u64::from_be_bytes(bytes))
+    be_u64(key, key.len().checked_sub(8)?)
 }
 
 /// The prefix of `table`'s keys.
@@ -79,37 +101,116 @@ pub(crate) fn kv_prefix(table: &str) -> Result<Vec<u8>, StoreError> {
     Ok(key)
 }
 
-/// Per-stream bookkeeping: the highest sequence ever written and the deletion watermark.
+/// Per-stream bookkeeping: the highest sequence ever written, the deletion watermark and the
+/// position of the stream's last event (the head of its back-chain; 0 when it has none).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct StreamMeta {
     pub(crate) highest: u64,
     pub(crate) deleted_to: u64,
+    pub(crate) last_position: u64,
 }
 
 impl StreamMeta {
-    pub(crate) fn encode(&self) -> [u8; 16] {
-        let mut out = [0u8; 16];
+    pub(crate) fn encode(&self) -> [u8; 24] {
+        let mut out = [0u8; 24];
         out[..8].copy_from_slice(&self.highest.to_be_bytes());
-        out[8..].copy_from_slice(&self.deleted_to.to_be_bytes());
+        out[8..16].copy_from_slice(&self.deleted_to.to_be_bytes());
+        out[16..].copy_from_slice(&self.last_position.to_be_bytes());
         out
     }
 
     pub(crate) fn decode(bytes: &[u8], stream: &StreamId) -> Result<Self, StoreError> {
-        let num = |range: std::ops::Range<usize>| -> Option<u64> {
-            let b: [u8; 8] = bytes.get(range)?.try_into().ok()?;
-            Some(u64::from_be_bytes(b))
-        };
-        match (bytes.len(), num(0..8), num(8..16)) {
-            (16, Some(highest), Some(deleted_to)) => Ok(Self {
+        match (
+            bytes.len(),
+            be_u64(bytes, 0),
+            be_u64(bytes, 8),
+            be_u64(bytes, 16),
+        ) {
+            (24, Some(highest), Some(deleted_to), Some(last_position)) => Ok(Self {
                 highest,
                 deleted_to,
+                last_position,
             }),
             _ => Err(StoreError::Decode {
                 what: "stream metadata",
                 stream: stream.clone(),
                 sequence: 0,
-                reason: format!("expected 16 bytes, found {}", bytes.len()),
+                reason: format!("expected 24 bytes, found {}", bytes.len()),
             }),
         }
+    }
+}
+
+/// The fixed header of a log record, before the encoded envelope: enough to walk a stream's
+/// back-chain without decoding envelopes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LogRecord {
+    pub(crate) sequence: u64,
+    /// The position of the stream's previous event (0 for its first).
+    pub(crate) previous: u64,
+}
+
+impl LogRecord {
+    /// The record's bytes: this header, then `envelope`.
+    pub(crate) fn encode(&self, envelope: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(LOG_HEADER_LEN + envelope.len());
+        out.push(LOG_RECORD_FORMAT);
+        out.extend_from_slice(&self.sequence.to_be_bytes());
+        out.extend_from_slice(&self.previous.to_be_bytes());
+        out.extend_from_slice(envelope);
+        out
+    }
+
+    /// Splits a stored record into its header and its encoded envelope; `Err` holds why the bytes
+    /// are not a log record.
+    pub(crate) fn decode(bytes: &[u8]) -> Result<(Self, &[u8]), String> {
+        match (bytes.first(), be_u64(bytes, 1), be_u64(bytes, 9)) {
+            (Some(&LOG_RECORD_FORMAT), Some(sequence), Some(previous)) => Ok((
+                Self { sequence, previous },
+                bytes.get(LOG_HEADER_LEN..).unwrap_or_default(),
+            )),
+            (Some(&LOG_RECORD_FORMAT), _, _) => Err(format!(
+                "log record header truncated at {} bytes",
+                bytes.len()
+            )),
+            (Some(tag), _, _) => Err(format!("unknown log record format {tag}")),
+            (None, _, _) => Err("empty log record".to_owned()),
+        }
+    }
+}
+
+/// The big-endian number at `bytes[at..at + 8]`, if there is one.
+fn be_u64(bytes: &[u8], at: usize) -> Option<u64> {
+    let b: [u8; 8] = bytes.get(at..at.checked_add(8)?)?.try_into().ok()?;
+    Some(u64::from_be_bytes(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_record_round_trips_and_rejects_foreign_bytes() {
+        let header = LogRecord {
+            sequence: 7,
+            previous: 42,
+        };
+        let bytes = header.encode(b"envelope");
+        assert_eq!(LogRecord::decode(&bytes), Ok((header, &b"envelope"[..])));
+        assert!(LogRecord::decode(&bytes[..10]).is_err());
+        assert!(LogRecord::decode(b"\x01\xc1garbage").is_err());
+        assert!(LogRecord::decode(b"").is_err());
+    }
+
+    #[test]
+    fn stream_meta_round_trips() {
+        let meta = StreamMeta {
+            highest: 9,
+            deleted_to: 3,
+            last_position: 1_000,
+        };
+        let stream = StreamId::new("t", "1");
+        assert_eq!(StreamMeta::decode(&meta.encode(), &stream).ok(), Some(meta));
+        assert!(StreamMeta::decode(&meta.encode()[..16], &stream).is_err());
     }
 }

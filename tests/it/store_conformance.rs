@@ -41,6 +41,7 @@ macro_rules! conformance_suite {
                 j6_everything_round_trips_and_streams_never_mix,
                 j8_global_log_is_gap_free_ordered_and_inclusive,
                 j9_ten_thousand_events_replay_in_order,
+                j9_every_window_of_a_long_stream_reads_exactly,
                 s1_latest_snapshot,
                 s2_snapshot_criteria_bound_sequence_and_time,
                 s3_delete_snapshots_removes_exactly_the_matching,
@@ -57,6 +58,7 @@ macro_rules! conformance_suite {
         conformance_suite!(@tests $harness;
             j3_delete_to_survives_reopen,
             j7_everything_survives_reopen,
+            j9_windows_of_a_long_stream_survive_reopen,
             j7_reopen_right_after_close_is_not_refused,
         );
     };
@@ -607,6 +609,76 @@ pub(crate) async fn j8_global_log_is_gap_free_ordered_and_inclusive(h: &mut Harn
     assert_eq!(store.head(), n);
 }
 
+/// Windows at and around the multiples of 64 (the sled store indexes every 64th event of a
+/// stream and walks back from there), the ends and past them.
+const WINDOW_POINTS: [u64; 14] = [0, 1, 2, 63, 64, 65, 127, 128, 129, 200, 256, 299, 300, 301];
+
+/// A 300-event stream written in appends of 1 to 7 events, interleaved with another stream.
+async fn long_stream(store: &dyn EventStore) -> StreamId {
+    let long = account("long");
+    let other = account("other");
+    let (mut version, mut chunk) = (0, 1);
+    while version < 300 {
+        let n = chunk.min(300 - version);
+        append_n(store, &long, version, n).await;
+        append_n(store, &other, version, n).await;
+        version += n;
+        chunk = chunk % 7 + 1;
+    }
+    long
+}
+
+/// Every window of `long` (see [`WINDOW_POINTS`]) under several limits reads exactly the events
+/// above `deleted_to` in it.
+async fn check_windows(store: &dyn EventStore, long: &StreamId, deleted_to: u64) {
+    let tos = WINDOW_POINTS.iter().copied().chain([u64::MAX]);
+    for from in WINDOW_POINTS {
+        for to in tos.clone() {
+            for max in [1, 3, 64, 65, usize::MAX] {
+                let slice = store.read_stream(long, from, to, max).await.unwrap();
+                let expected: Vec<u64> = (from.max(deleted_to + 1).max(1)..=to.min(300))
+                    .take(max)
+                    .collect();
+                assert_eq!(
+                    sequences(&slice.events),
+                    expected,
+                    "window {from}..={to}, max {max}, deleted to {deleted_to}"
+                );
+                assert_eq!(slice.highest_sequence, 300);
+                for e in &slice.events {
+                    assert_eq!(e.payload, payload_of(long, e.sequence));
+                    assert_eq!(&e.stream, long);
+                }
+            }
+        }
+    }
+}
+
+pub(crate) async fn j9_every_window_of_a_long_stream_reads_exactly(h: &mut Harness) {
+    let long = long_stream(h.store()).await;
+    check_windows(h.store(), &long, 0).await;
+    h.store().delete_to(&long, 130).await.unwrap();
+    check_windows(h.store(), &long, 130).await;
+    // The other stream's events are untouched.
+    assert_eq!(
+        read_all(h.store(), &account("other")).await.events.len(),
+        300
+    );
+    assert_eq!(read_whole_log(h.store()).await.len(), 470);
+}
+
+pub(crate) async fn j9_windows_of_a_long_stream_survive_reopen(h: &mut Harness) {
+    let long = long_stream(h.store()).await;
+    h.reopen().await;
+    check_windows(h.store(), &long, 0).await;
+    h.store().delete_to(&long, 64).await.unwrap();
+    h.reopen().await;
+    check_windows(h.store(), &long, 64).await;
+    // Appends continue the stream where it was.
+    let done = append_n(h.store(), &long, 300, 1).await;
+    assert_eq!(done.first_sequence, 301);
+}
+
 pub(crate) async fn j9_ten_thousand_events_replay_in_order(h: &mut Harness) {
     const TOTAL: u64 = 10_000;
     const CHUNK: u64 = 500;
@@ -1116,6 +1188,35 @@ mod sled_only {
                 ..
             }) => assert_eq!((w, &s, q), (what, stream, sequence)),
             other => panic!("expected a decode error on {what} {stream}@{sequence}: {other:?}"),
+        }
+    }
+
+    /// A database of another store layout is refused with a typed error, and left as it was.
+    #[test]
+    fn a_database_of_another_layout_is_refused_untouched() {
+        for (version, found) in [(None, "layout 1"), (Some(99u32), "layout 99")] {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let db = open_raw(dir.path());
+                let tree = db.open_tree(TREE).unwrap();
+                tree.insert(log_key(1), b"\x01an old envelope").unwrap();
+                if let Some(v) = version {
+                    tree.insert(b"V", &v.to_be_bytes()).unwrap();
+                }
+                db.flush().unwrap();
+            }
+            let opened = incarnate::SledStore::open(incarnate::SledStoreConfig::new(dir.path()));
+            match opened {
+                Err(StoreError::Invalid(reason)) => {
+                    assert!(reason.contains(found), "{reason}");
+                    assert!(reason.contains("reads layout 2"), "{reason}");
+                }
+                Err(other) => panic!("expected a layout error, got {other:?}"),
+                Ok(_) => panic!("a database of {found} was opened"),
+            }
+            let db = open_raw(dir.path());
+            let tree = db.open_tree(TREE).unwrap();
+            assert_eq!(tree.len(), 1 + usize::from(version.is_some()));
         }
     }
 

@@ -62,7 +62,22 @@ pub(crate) fn deposit_record_len() -> Result<usize, BoxError> {
         causation: Causation::default(),
         payload: rmp_serde::to_vec(&AccountEvent::Deposited { amount: 1 })?,
     };
-    Ok(rmp_serde::to_vec(&envelope)?.len() + 1)
+    Ok(LOG_HEADER + rmp_serde::to_vec(&envelope)?.len() + 1)
+}
+
+/// The store's log record header: format tag, stream sequence, previous position (see
+/// `src/store/keys.rs`).
+pub(crate) const LOG_HEADER: usize = 17;
+
+/// The stream sequence and previous position in a log record's header.
+pub(crate) fn record_header(bytes: &[u8]) -> Result<(u64, u64), BoxError> {
+    let number = |at: usize| -> Option<u64> {
+        Some(u64::from_be_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
+    };
+    match (bytes.first(), number(1), number(9)) {
+        (Some(2), Some(sequence), Some(previous)) => Ok((sequence, previous)),
+        _ => Err("unknown log record format".into()),
+    }
 }
 
 /// Which accounts caller `t` of `callers` drives among `aggregates`: its own share, or (more
@@ -253,7 +268,8 @@ pub(crate) fn reopen_raw(path: &Path) -> Result<sled::Db, BoxError> {
 
 /// Decodes one stored log record (format tag + rmp-serde envelope) as the store does.
 pub(crate) fn decode_record(bytes: &[u8]) -> Result<EventEnvelope, BoxError> {
-    match bytes.split_first() {
+    record_header(bytes)?;
+    match bytes.get(LOG_HEADER..).unwrap_or_default().split_first() {
         Some((1, rest)) => Ok(rmp_serde::from_slice(rest)?),
         _ => Err("unknown envelope format".into()),
     }
@@ -279,7 +295,7 @@ mod tests {
             let log = rt.store().read_log(2, 1).await?;
             rt.shutdown().await?;
             let envelope = log.first().ok_or("empty log")?;
-            Ok::<usize, BoxError>(rmp_serde::to_vec(envelope)?.len() + 1)
+            Ok::<usize, BoxError>(LOG_HEADER + rmp_serde::to_vec(envelope)?.len() + 1)
         })?;
         let estimate = deposit_record_len()?;
         assert!(estimate.abs_diff(stored) <= 4, "{estimate} vs {stored}");

@@ -8,10 +8,11 @@
 //!   `Runtime::state`: the whole activation (snapshot lookup, paged stream reads, envelope and
 //!   event decoding, `apply` of every event, idempotency records, actor start, reply).
 //! - baseline: the same database opened with raw sled after the runtime is shut down (cold
-//!   too; opening not timed): scan the stream's index entries (`S` + stream + sequence →
-//!   position), `get` each log record (`L` + position), decode the envelope with rmp-serde,
-//!   decode the `AccountEvent` and `apply` it: the same reads over the same layout, with none of
-//!   the runtime around them.
+//!   too; opening not timed): `get` the stream's metadata (`M` + stream: its last position), then
+//!   follow its back-chain with a `get` per log record (`L` + position, each record's header
+//!   names the previous position), decode each envelope with rmp-serde, decode the
+//!   `AccountEvent` and `apply` it: the same reads over the same layout, with none of the runtime
+//!   around them.
 //!
 //! Reported: incarnate's time as the value, the raw time as the baseline; ratio = incarnate /
 //! raw, lower is better (target <= 1.5).
@@ -24,7 +25,7 @@ use incarnate_actors::{Account, AccountEvent};
 use tempfile::TempDir;
 use tokio::runtime::Runtime;
 
-use super::node::{decode_record, reopen_raw, runtime_at, write_history};
+use super::node::{decode_record, record_header, reopen_raw, runtime_at, write_history};
 use super::{Better, Sample, Settings, Workload};
 use crate::stats::median;
 use crate::BoxError;
@@ -109,33 +110,39 @@ fn check(state: &Account, version: u64) -> Result<(), BoxError> {
     Ok(())
 }
 
-/// The store's per-stream index prefix of account `id` (see `src/store/keys.rs`).
-fn index_prefix(id: &str) -> Vec<u8> {
+/// The store's metadata key of account `id` (see `src/store/keys.rs`).
+fn meta_key(id: &str) -> Vec<u8> {
     let ty = Account::TYPE.as_bytes();
-    let mut key = vec![b'S', ty.len() as u8];
+    let mut key = vec![b'M', ty.len() as u8];
     key.extend_from_slice(ty);
     key.extend_from_slice(&(id.len() as u16).to_be_bytes());
     key.extend_from_slice(id.as_bytes());
     key
 }
 
-/// Raw sled: scan, get, decode, fold. Returns µs (opening not timed).
+/// Raw sled: the stream's metadata, then its back-chain from the last event (a `get` per event),
+/// decode, fold: the reads the store makes. Returns µs (opening not timed).
 fn raw_replay(path: &std::path::Path) -> Result<f64, BoxError> {
     let db = reopen_raw(path)?;
     let tree = db.open_tree("incarnate")?;
-    let prefix = index_prefix(ID);
+    let key = meta_key(ID);
     let start = Instant::now();
+    let meta = tree.get(&key)?.ok_or("missing stream metadata")?;
+    let mut position =
+        u64::from_be_bytes(meta.get(16..24).ok_or("bad stream metadata")?.try_into()?);
+    let mut records = Vec::with_capacity(EVENTS);
+    while position != 0 {
+        let mut log_key = [b'L'; 9];
+        log_key[1..].copy_from_slice(&position.to_be_bytes());
+        let record = tree.get(log_key)?.ok_or("missing log record")?;
+        let (sequence, previous) = record_header(&record)?;
+        records.push(record);
+        position = if sequence > 1 { previous } else { 0 };
+    }
     let mut state = Account::default();
     let mut version = 0;
-    for item in tree.scan_prefix(&prefix) {
-        let (_, position) = item?;
-        if position.len() != 8 {
-            return Err("bad index entry".into());
-        }
-        let mut log_key = [b'L'; 9];
-        log_key[1..].copy_from_slice(&position[..]);
-        let record = tree.get(log_key)?.ok_or("missing log record")?;
-        let envelope = decode_record(&record)?;
+    for record in records.iter().rev() {
+        let envelope = decode_record(record)?;
         let event = AccountEvent::decode(
             &envelope.event_type,
             envelope.schema_version,

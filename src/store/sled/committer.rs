@@ -1,15 +1,17 @@
 //! The single writer of the embedded store.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{read_meta, Durability, SledStoreConfig, MAX_RECORD_BYTES};
+use super::chain::{self, DirtyMetas};
+use super::{Durability, SledStoreConfig, MAX_RECORD_BYTES};
 use crate::domain::StreamId;
-use crate::store::keys::{self, StreamMeta};
+use crate::store::keys::{self, LogRecord, StreamMeta};
 use crate::store::{
     now_micros, AppendRequest, AppendResult, EventEnvelope, KvWrite, SnapshotCriteria,
     SnapshotRecord, StoreError,
@@ -107,12 +109,23 @@ pub(super) struct Committer {
     head: u64,
     head_tx: watch::Sender<u64>,
     /// Stream metadata of recently written streams. The committer is the only writer, so the
-    /// cache is always exact; it saves a tree read per append.
+    /// cache is always exact; it saves a tree read per append. Holds every dirty stream.
     metas: HashMap<Vec<u8>, StreamMeta>,
+    /// Streams whose `M` record is behind, shared with readers.
+    dirty: Arc<DirtyMetas>,
+    /// The dirty streams by the position of their first unwritten event, oldest first: the
+    /// oldest bounds the meta checkpoint.
+    dirty_order: VecDeque<(u64, Vec<u8>)>,
+    /// The position up to which every `M` record is written, as stored under `H`.
+    meta_checkpoint: u64,
 }
 
-/// Streams whose metadata the committer keeps in memory before it starts over.
+/// Streams whose metadata the committer keeps in memory before it drops the clean ones.
 const META_CACHE: usize = 1 << 20;
+
+/// How far (in events) the meta checkpoint may trail the head before a commit writes every dirty
+/// stream's metadata: it bounds the log replayed when the store opens.
+const META_LAG: u64 = 1 << 18;
 
 /// The writes of one group commit, planned before they are applied.
 struct Plan {
@@ -120,6 +133,9 @@ struct Plan {
     /// Stream metadata as this batch leaves it, so several appends to one stream in one batch
     /// see each other.
     metas: HashMap<Vec<u8>, StreamMeta>,
+    /// Streams this batch dirtied, with the position of their first event in it.
+    newly_dirty: Vec<(u64, Vec<u8>)>,
+    events: usize,
     next_head: u64,
     replies: Vec<Pending>,
     dirty: bool,
@@ -134,6 +150,7 @@ impl Committer {
         config: SledStoreConfig,
         head: u64,
         head_tx: watch::Sender<u64>,
+        dirty: Arc<DirtyMetas>,
     ) -> Self {
         Self {
             db,
@@ -143,7 +160,56 @@ impl Committer {
             head,
             head_tx,
             metas: HashMap::new(),
+            dirty,
+            dirty_order: VecDeque::new(),
+            meta_checkpoint: 0,
         }
+    }
+
+    /// Rebuilds the metadata of streams written after the meta checkpoint from the log, so the
+    /// store continues exactly where the last commit left it. An undecodable record in that
+    /// stretch fails the open: its stream cannot be known, so neither can its head.
+    pub(super) fn recover(&mut self) -> Result<(), StoreError> {
+        self.meta_checkpoint = match self.tree.get(keys::META_CHECKPOINT)? {
+            Some(bytes) => keys::trailing_u64(&bytes).unwrap_or(0),
+            None => 0,
+        };
+        let from = keys::log_key(self.meta_checkpoint.saturating_add(1));
+        for item in self.tree.range(from..=keys::log_key(self.head)) {
+            let (key, value) = item?;
+            let position = keys::trailing_u64(&key).unwrap_or(0);
+            let decode_err = |reason: String| StoreError::Decode {
+                what: "event envelope",
+                stream: StreamId::new("$log", ""),
+                sequence: position,
+                reason,
+            };
+            let (header, envelope) = LogRecord::decode(&value).map_err(decode_err)?;
+            let stream =
+                EventEnvelope::decode(envelope, &StreamId::new("$log", ""), position)?.stream;
+            let meta_key = keys::stream_key(keys::META, &stream)?;
+            let mut meta = match self.metas.get(&meta_key) {
+                Some(meta) => *meta,
+                None => chain::stored_meta(&self.tree, &meta_key, &stream)?,
+            };
+            if header.sequence > meta.highest {
+                meta.highest = header.sequence;
+                meta.last_position = position;
+            }
+            if !self.dirty.contains_key(&meta_key) {
+                self.dirty_order.push_back((position, meta_key.clone()));
+            }
+            self.dirty.insert(meta_key.clone(), meta);
+            self.metas.insert(meta_key, meta);
+        }
+        if !self.dirty_order.is_empty() {
+            tracing::info!(
+                streams = self.dirty_order.len(),
+                events = self.head - self.meta_checkpoint,
+                "rebuilt stream metadata from the log"
+            );
+        }
+        Ok(())
     }
 
     pub(super) fn run(mut self, mut rx: mpsc::UnboundedReceiver<WriteOp>) {
@@ -173,6 +239,8 @@ impl Committer {
             let mut plan = Plan {
                 batch: sled::Batch::default(),
                 metas: HashMap::new(),
+                newly_dirty: Vec::new(),
+                events: 0,
                 next_head: self.head,
                 replies: Vec::with_capacity(ops.len()),
                 dirty: false,
@@ -301,7 +369,7 @@ impl Committer {
             .or_else(|| self.metas.get(meta_key))
         {
             Some(meta) => Ok(*meta),
-            None => read_meta(&self.tree, meta_key, stream),
+            None => chain::read_meta(&self.tree, &self.dirty, meta_key, stream),
         }
     }
 
@@ -331,21 +399,26 @@ impl Committer {
         let command_base = keys::stream_key(keys::COMMAND, &stream)?;
         let timestamp = now_micros();
         let mut rows: Vec<(Vec<u8>, Vec<u8>)> =
-            Vec::with_capacity(events.len() * 2 + record_commands.len() + 2);
+            Vec::with_capacity(events.len() + record_commands.len() + 2);
+        let first_position = plan.next_head + 1;
         let mut position = plan.next_head;
         let mut sequence = meta.highest;
+        let mut previous = meta.last_position;
         for event in events {
             sequence += 1;
             position += 1;
             let envelope =
                 EventEnvelope::from_new(event, stream.clone(), sequence, position, timestamp);
-            let bytes = envelope.encode()?;
-            check_size(bytes.len(), "event")?;
-            rows.push((keys::log_key(position).to_vec(), bytes));
-            rows.push((
-                keys::with_u64(&index_base, sequence),
-                position.to_be_bytes().to_vec(),
-            ));
+            let record = LogRecord { sequence, previous }.encode(&envelope.encode()?);
+            check_size(record.len(), "event")?;
+            rows.push((keys::log_key(position).to_vec(), record));
+            if sequence % keys::INDEX_STRIDE == 0 {
+                rows.push((
+                    keys::with_u64(&index_base, sequence),
+                    position.to_be_bytes().to_vec(),
+                ));
+            }
+            previous = position;
         }
         for record in &record_commands {
             let mut key = keys::with_u64(&command_base, record.version);
@@ -363,12 +436,16 @@ impl Committer {
         let result = AppendResult {
             first_sequence: meta.highest + 1,
             last_sequence: sequence,
-            first_position: plan.next_head + 1,
+            first_position,
             last_position: position,
         };
         if sequence != meta.highest {
-            // No metadata write: the new index entries carry the highest sequence.
+            plan.events += (sequence - meta.highest) as usize;
             meta.highest = sequence;
+            meta.last_position = position;
+            if !plan.metas.contains_key(&meta_key) && !self.dirty.contains_key(&meta_key) {
+                plan.newly_dirty.push((first_position, meta_key.clone()));
+            }
             plan.metas.insert(meta_key, meta);
         }
         plan.next_head = position;
@@ -388,13 +465,26 @@ impl Committer {
         if to <= meta.deleted_to {
             return Ok(());
         }
+        let walk = chain::walk(&self.tree, stream, &meta, meta.deleted_to + 1, to)?;
+        for hop in &walk.hops {
+            plan.batch.remove(keys::log_key(hop.position).to_vec());
+        }
+        if let Some((sequence, position, err)) = walk.broken {
+            // The chain cannot be followed below a corrupt or missing record: remove what it
+            // reaches (the corrupt record included) and leave the older, unreachable events in
+            // the log. The stream reads correctly either way: its window starts above `to`.
+            if sequence <= to {
+                plan.batch.remove(keys::log_key(position).to_vec());
+            }
+            tracing::warn!(
+                %stream, sequence, error = %err,
+                "deleting past a broken chain: earlier events stay in the global log"
+            );
+        }
         let base = keys::stream_key(keys::STREAM, stream)?;
         let range = keys::with_u64(&base, meta.deleted_to + 1)..=keys::with_u64(&base, to);
         for item in self.tree.range(range) {
-            let (key, value) = item?;
-            if let Some(position) = keys::trailing_u64(&value) {
-                plan.batch.remove(keys::log_key(position).to_vec());
-            }
+            let (key, _) = item?;
             plan.batch.remove(key);
         }
         meta.deleted_to = to;
@@ -473,6 +563,7 @@ impl Committer {
     /// replies. Replies go out only after the head moved, so a caller that reads the log after
     /// its append always sees it.
     fn commit(&mut self, mut plan: Plan) {
+        let metas_written = self.plan_meta_writes(&mut plan);
         let mut outcome: Result<(), StoreError> = Ok(());
         let mut applied = false;
         if plan.dirty {
@@ -480,7 +571,10 @@ impl Committer {
                 plan.batch
                     .insert(keys::HEAD, plan.next_head.to_be_bytes().to_vec());
             }
-            outcome = self.tree.apply_batch(plan.batch).map_err(StoreError::from);
+            outcome = self
+                .tree
+                .apply_batch(std::mem::take(&mut plan.batch))
+                .map_err(StoreError::from);
             applied = outcome.is_ok();
         }
         let must_sync =
@@ -492,10 +586,7 @@ impl Committer {
         // would overwrite events that may already be on disk. Its callers still get an error,
         // because its durability is unknown.
         if applied {
-            if self.metas.len() + plan.metas.len() > META_CACHE {
-                self.metas.clear();
-            }
-            self.metas.extend(plan.metas.drain());
+            self.metas_applied(&mut plan, metas_written);
             if plan.next_head != self.head {
                 self.head = plan.next_head;
                 self.head_tx.send_replace(self.head);
@@ -508,6 +599,88 @@ impl Committer {
                 plan.replies.into_iter().for_each(|p| p.fail(&err).send());
             }
         }
+    }
+
+    /// Adds the `M` records of the oldest dirty streams to the batch, and the meta checkpoint
+    /// they allow: a few per commit (an eighth of its events, at least 16) so the random-key
+    /// inserts stay a small share of the work, every one when the checkpoint trails the head by
+    /// more than [`META_LAG`] or on flush and shutdown. Returns how many queued streams it wrote
+    /// (`usize::MAX`: all, including this batch's).
+    fn plan_meta_writes(&self, plan: &mut Plan) -> usize {
+        let oldest = self.dirty_order.front().map(|(since, _)| *since);
+        let lagging = oldest.is_some_and(|since| plan.next_head - since >= META_LAG);
+        let write_all = plan.force_sync || lagging;
+        let count = if write_all {
+            self.dirty_order.len()
+        } else {
+            (plan.events / 8).max(16).min(self.dirty_order.len())
+        };
+        let current = |key: &Vec<u8>| plan.metas.get(key).or_else(|| self.metas.get(key)).copied();
+        let mut rows = Vec::new();
+        for (_, key) in self.dirty_order.iter().take(count) {
+            if let Some(meta) = current(key) {
+                rows.push((key.clone(), meta.encode().to_vec()));
+            }
+        }
+        if write_all {
+            for (_, key) in &plan.newly_dirty {
+                if let Some(meta) = current(key) {
+                    rows.push((key.clone(), meta.encode().to_vec()));
+                }
+            }
+        }
+        let first_unwritten = match self.dirty_order.get(count) {
+            Some((since, _)) => Some(*since),
+            None if write_all => None,
+            None => plan.newly_dirty.first().map(|(since, _)| *since),
+        };
+        let checkpoint = first_unwritten.map_or(plan.next_head, |since| since - 1);
+        if !rows.is_empty() || checkpoint != self.meta_checkpoint {
+            for (key, value) in rows {
+                plan.batch.insert(key, value);
+            }
+            plan.batch
+                .insert(keys::META_CHECKPOINT, checkpoint.to_be_bytes().to_vec());
+            plan.dirty = true;
+        }
+        if write_all {
+            usize::MAX
+        } else {
+            count
+        }
+    }
+
+    /// Brings the in-memory metadata in line with an applied batch that wrote `written` of the
+    /// queued streams' `M` records (see [`Self::plan_meta_writes`]).
+    fn metas_applied(&mut self, plan: &mut Plan, written: usize) {
+        let all = written == usize::MAX;
+        let written = written.min(self.dirty_order.len());
+        for (_, key) in self.dirty_order.drain(..written) {
+            self.dirty.remove(&key);
+        }
+        if !all {
+            for (since, key) in plan.newly_dirty.drain(..) {
+                if let Some(meta) = plan.metas.get(&key) {
+                    self.dirty.insert(key.clone(), *meta);
+                    self.dirty_order.push_back((since, key));
+                }
+            }
+        }
+        self.meta_checkpoint = self
+            .dirty_order
+            .front()
+            .map_or(plan.next_head, |(since, _)| since - 1);
+        for (key, meta) in &plan.metas {
+            if let Some(mut entry) = self.dirty.get_mut(key) {
+                *entry = *meta;
+            }
+        }
+        if self.metas.len() + plan.metas.len() > META_CACHE {
+            // Dirty streams must stay: their metadata exists nowhere else.
+            let dirty = &self.dirty;
+            self.metas.retain(|key, _| dirty.contains_key(key));
+        }
+        self.metas.extend(plan.metas.drain());
     }
 }
 

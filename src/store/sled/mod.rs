@@ -5,6 +5,7 @@
 //! atomic `apply_batch`, makes the batch durable once (group commit), publishes the new head and
 //! only then replies. Reads run on tokio's blocking pool, never on an executor or arbiter thread.
 
+mod chain;
 mod committer;
 
 use std::fs::File;
@@ -16,12 +17,13 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::keys::{self, StreamMeta};
+use super::keys::{self, LogRecord};
 use super::{
     AppendRequest, AppendResult, CommandRecord, EventEnvelope, EventStore, KvWrite,
     RecordedOutcome, SnapshotCriteria, SnapshotRecord, StoreError, StreamSlice,
 };
 use crate::domain::StreamId;
+use chain::DirtyMetas;
 use committer::{Committer, WriteOp};
 
 /// When an acknowledged write is on disk.
@@ -89,6 +91,8 @@ struct Shared {
     tree: RwLock<Option<sled::Tree>>,
     writes: mpsc::UnboundedSender<WriteOp>,
     head: watch::Receiver<u64>,
+    /// Stream metadata the committer has not written yet.
+    dirty: Arc<DirtyMetas>,
     committer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -104,6 +108,7 @@ impl SledStore {
         // ourselves. The directory is synced once so a freshly created file's entry is durable.
         let data_file = File::open(config.path.join("db"))?;
         File::open(&config.path)?.sync_all()?;
+        check_layout(&tree)?;
 
         let head = match tree.get(keys::HEAD)? {
             Some(bytes) => keys::trailing_u64(&bytes).ok_or_else(|| StoreError::Decode {
@@ -116,7 +121,17 @@ impl SledStore {
         };
         let (head_tx, head_rx) = watch::channel(head);
         let (tx, rx) = mpsc::unbounded_channel();
-        let committer = Committer::new(db, tree.clone(), data_file, config.clone(), head, head_tx);
+        let dirty = Arc::new(DirtyMetas::new());
+        let mut committer = Committer::new(
+            db,
+            tree.clone(),
+            data_file,
+            config.clone(),
+            head,
+            head_tx,
+            dirty.clone(),
+        );
+        committer.recover()?;
         let handle = std::thread::Builder::new()
             .name("incarnate-committer".into())
             .spawn(move || committer.run(rx))?;
@@ -125,6 +140,7 @@ impl SledStore {
                 tree: RwLock::new(Some(tree)),
                 writes: tx,
                 head: head_rx,
+                dirty,
                 committer: std::sync::Mutex::new(Some(handle)),
             }),
         })
@@ -196,36 +212,38 @@ fn is_lock_conflict(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::Other && e.to_string().starts_with("could not acquire lock")
 }
 
-/// A stream's metadata. The highest sequence is the larger of the last index entry and the one
-/// recorded at the last deletion, so appends never write metadata (one insert less per event);
-/// only `delete_to` records it, because deletion may remove the last index entries.
-pub(crate) fn read_meta(
-    tree: &sled::Tree,
-    meta_key: &[u8],
-    stream: &StreamId,
-) -> Result<StreamMeta, StoreError> {
-    let mut meta = match tree.get(meta_key)? {
-        Some(bytes) => StreamMeta::decode(&bytes, stream)?,
-        None => StreamMeta::default(),
+/// Refuses a database written in another layout; stamps a new one with this build's.
+fn check_layout(tree: &sled::Tree) -> Result<(), StoreError> {
+    let found = match tree.get(keys::LAYOUT)? {
+        Some(bytes) => <[u8; 4]>::try_from(bytes.as_ref())
+            .map(u32::from_be_bytes)
+            .unwrap_or(0),
+        None if tree.first()?.is_none() => {
+            tree.insert(keys::LAYOUT, &keys::LAYOUT_VERSION.to_be_bytes())?;
+            return Ok(());
+        }
+        // Databases of the first layout carry no version record.
+        None => 1,
     };
-    let index = keys::stream_key(keys::STREAM, stream)?;
-    if let Some(item) = tree.scan_prefix(&index).next_back() {
-        let (key, _) = item?;
-        let last = keys::trailing_u64(&key).unwrap_or(0);
-        meta.highest = meta.highest.max(last);
+    if found == keys::LAYOUT_VERSION {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(format!(
+            "the database uses store layout {found}; this build reads layout {}",
+            keys::LAYOUT_VERSION
+        )))
     }
-    Ok(meta)
 }
 
-fn decode_position(bytes: &[u8], stream: &StreamId, sequence: u64) -> Result<u64, StoreError> {
-    keys::trailing_u64(bytes)
-        .filter(|_| bytes.len() == 8)
-        .ok_or_else(|| StoreError::Decode {
-            what: "stream index entry",
-            stream: stream.clone(),
-            sequence,
-            reason: format!("expected 8 bytes, found {}", bytes.len()),
-        })
+/// Decodes a log record read by position, naming it by position under `$log`.
+fn decode_log_record(bytes: &[u8], position: u64) -> Result<EventEnvelope, StoreError> {
+    let envelope = LogRecord::decode(bytes).map_err(|reason| StoreError::Decode {
+        what: "event envelope",
+        stream: log_stream(),
+        sequence: position,
+        reason,
+    })?;
+    EventEnvelope::decode(envelope.1, &log_stream(), position)
 }
 
 fn log_stream() -> StreamId {
@@ -247,33 +265,31 @@ impl EventStore for SledStore {
     ) -> Result<StreamSlice, StoreError> {
         let stream = stream.clone();
         let head = self.head();
+        let dirty = self.shared.dirty.clone();
         self.read(move |tree| {
-            let base = keys::stream_key(keys::STREAM, &stream)?;
-            let meta = read_meta(tree, &keys::stream_key(keys::META, &stream)?, &stream)?;
+            let meta_key = keys::stream_key(keys::META, &stream)?;
+            let meta = chain::read_meta(tree, &dirty, &meta_key, &stream)?;
             let from = from.max(meta.deleted_to.saturating_add(1)).max(1);
             let mut events = Vec::new();
             if from <= to && max > 0 {
-                let range = keys::with_u64(&base, from)..=keys::with_u64(&base, to);
-                for item in tree.range(range) {
-                    let (key, value) = item?;
-                    let sequence = keys::trailing_u64(&key).unwrap_or(0);
-                    let position = decode_position(&value, &stream, sequence)?;
-                    if position > head {
+                // Sequences are dense above the deletion watermark, so the window's first `max`
+                // events end at `from + max - 1`: the walk never reads past the window's end.
+                let span = u64::try_from(max).unwrap_or(u64::MAX) - 1;
+                let last = to.min(from.saturating_add(span));
+                let walk = chain::walk(tree, &stream, &meta, from, last)?;
+                if let Some((_, _, err)) = walk.broken {
+                    return Err(err);
+                }
+                for hop in walk.hops {
+                    if hop.position > head {
                         // Written by a commit that is not acknowledged yet.
                         break;
                     }
-                    let Some(bytes) = tree.get(keys::log_key(position))? else {
-                        return Err(StoreError::Decode {
-                            what: "event envelope",
-                            stream: stream.clone(),
-                            sequence,
-                            reason: format!("index points at missing log position {position}"),
-                        });
-                    };
-                    events.push(EventEnvelope::decode(&bytes, &stream, sequence)?);
-                    if events.len() >= max {
-                        break;
-                    }
+                    events.push(EventEnvelope::decode(
+                        hop.envelope(),
+                        &stream,
+                        hop.sequence,
+                    )?);
                 }
             }
             Ok(StreamSlice {
@@ -286,8 +302,10 @@ impl EventStore for SledStore {
 
     async fn highest_sequence(&self, stream: &StreamId) -> Result<u64, StoreError> {
         let stream = stream.clone();
+        let dirty = self.shared.dirty.clone();
         self.read(move |tree| {
-            Ok(read_meta(tree, &keys::stream_key(keys::META, &stream)?, &stream)?.highest)
+            let meta_key = keys::stream_key(keys::META, &stream)?;
+            Ok(chain::read_meta(tree, &dirty, &meta_key, &stream)?.highest)
         })
         .await
     }
@@ -302,7 +320,7 @@ impl EventStore for SledStore {
             for item in tree.range(keys::log_key(from.max(1))..=keys::log_key(head)) {
                 let (key, value) = item?;
                 let position = keys::trailing_u64(&key).unwrap_or(0);
-                out.push(EventEnvelope::decode(&value, &log_stream(), position)?);
+                out.push(decode_log_record(&value, position)?);
                 if out.len() >= max {
                     break;
                 }
