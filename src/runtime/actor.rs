@@ -4,7 +4,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix::{Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, WrapFuture};
 use uuid::Uuid;
@@ -13,7 +13,7 @@ use super::command::{CommandOptions, Committed, CommittedEvent};
 use super::error::{CommandError, RuntimeError};
 use super::registry::TypeShared;
 use super::work::{Attempt, Deliver, Passivate, ReplyTx, Work, WorkKind};
-use crate::domain::{Aggregate, DomainEvent, StreamId};
+use crate::domain::{Aggregate, AggregateId, DomainEvent, StreamId};
 use crate::store::{
     now_micros, AppendRequest, AppendResult, Causation, CommandRecord, NewEvent, RecordedOutcome,
     SnapshotCriteria, SnapshotRecord, StoreError,
@@ -23,6 +23,8 @@ use crate::store::{
 const REPLAY_PAGE: usize = 1024;
 /// First and largest delay before reloading after a failed write.
 const RESTART_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(5));
+/// Doublings of the first delay after which the largest one applies (10 ms × 2^9 > 5 s).
+const RESTART_DOUBLINGS: u8 = 9;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -36,20 +38,27 @@ enum Phase {
     Stopping,
 }
 
+/// One live aggregate.
+///
+/// Its size is paid once per live aggregate (it sits inside the actix context future, in the
+/// task's allocation), so it holds nothing an idle aggregate does not need: the stream id is
+/// built on demand from the id and the type's shared tag, the idempotency window is allocated
+/// with the first command id, the queue buffer is dropped whenever the actor goes idle, and
+/// the last use is the registry's.
 pub(crate) struct AggregateActor<A: Aggregate> {
     shared: Arc<TypeShared<A>>,
-    stream: StreamId,
+    id: AggregateId,
     incarnation: u64,
     phase: Phase,
+    /// Failed writes in a row (capped): the next reload waits 10 ms doubled this many times.
+    failed_writes: u8,
     state: A,
     /// The persisted version: `state` equals the fold of events `1..=version` whenever the
     /// actor is `Ready`.
     version: u64,
-    queue: VecDeque<Work<A>>,
-    dedup: Dedup,
     last_snapshot: u64,
-    last_active: Instant,
-    backoff: Duration,
+    queue: VecDeque<Work<A>>,
+    dedup: Option<Box<Dedup>>,
 }
 
 /// The bounded window of processed command ids.
@@ -174,41 +183,47 @@ struct Loaded<A> {
 }
 
 impl<A: Aggregate> AggregateActor<A> {
-    pub(crate) fn new(shared: Arc<TypeShared<A>>, stream: StreamId, incarnation: u64) -> Self {
+    pub(crate) fn new(shared: Arc<TypeShared<A>>, id: AggregateId, incarnation: u64) -> Self {
         Self {
             shared,
-            stream,
+            id,
             incarnation,
             phase: Phase::Recovering,
+            failed_writes: 0,
             state: A::default(),
             version: 0,
-            queue: VecDeque::new(),
-            dedup: Dedup::default(),
             last_snapshot: 0,
-            last_active: Instant::now(),
-            backoff: RESTART_BACKOFF.0,
+            queue: VecDeque::new(),
+            dedup: None,
         }
+    }
+
+    fn stream(&self) -> StreamId {
+        self.shared.stream(&self.id)
     }
 
     fn recover(&mut self, ctx: &mut Context<Self>) {
         self.phase = Phase::Recovering;
-        let load = load::<A>(self.shared.clone(), self.stream.clone());
+        let load = load::<A>(self.shared.clone(), self.stream());
         ctx.spawn(load.into_actor(self).map(|result, act, ctx| match result {
             Ok(loaded) => {
                 act.state = loaded.state;
                 act.version = loaded.version;
                 act.last_snapshot = loaded.snapshot;
-                act.dedup = Dedup::default();
+                act.dedup = None;
                 let mut forget = Vec::new();
                 for record in &loaded.records {
-                    act.dedup
-                        .insert(record, act.shared.settings.dedup_window, &mut forget);
+                    act.dedup.get_or_insert_with(Box::default).insert(
+                        record,
+                        act.shared.settings.dedup_window,
+                        &mut forget,
+                    );
                 }
                 act.phase = Phase::Ready;
                 act.drive(ctx, None);
             }
             Err(error) => {
-                tracing::warn!(stream = %act.stream, %error, "activation failed");
+                tracing::warn!(stream = %act.stream(), %error, "activation failed");
                 for work in act.queue.drain(..) {
                     let _ = work
                         .reply
@@ -225,8 +240,8 @@ impl<A: Aggregate> AggregateActor<A> {
         self.state = A::default();
         self.version = 0;
         if backoff {
-            let delay = self.backoff;
-            self.backoff = (self.backoff * 2).min(RESTART_BACKOFF.1);
+            let delay = (RESTART_BACKOFF.0 * (1 << self.failed_writes)).min(RESTART_BACKOFF.1);
+            self.failed_writes = (self.failed_writes + 1).min(RESTART_DOUBLINGS);
             ctx.run_later(delay, |act, ctx| act.recover(ctx));
         } else {
             self.recover(ctx);
@@ -236,8 +251,7 @@ impl<A: Aggregate> AggregateActor<A> {
     /// Leaves the registry and stops; anything still queued goes to the next incarnation.
     fn stop(&mut self, ctx: &mut Context<Self>) {
         self.phase = Phase::Stopping;
-        self.shared
-            .forget(&self.stream.aggregate_id, self.incarnation);
+        self.shared.forget(&self.id, self.incarnation);
         for work in self.queue.drain(..) {
             work.bounce();
         }
@@ -328,7 +342,7 @@ impl<A: Aggregate> AggregateActor<A> {
             }
             if let Some(message) = batch.poisoned.take() {
                 let error = RuntimeError::HandlerPanicked {
-                    stream: self.stream.clone(),
+                    stream: self.stream(),
                     message: format!("apply panicked: {message}"),
                 };
                 batch.fail_all(&error);
@@ -360,7 +374,8 @@ impl<A: Aggregate> AggregateActor<A> {
         batch: &mut Batch<A>,
     ) {
         let command_id = options.command_id;
-        let outcome = match command_id.and_then(|id| self.dedup.outcomes.get(&id)) {
+        let known = self.dedup.as_ref().zip(command_id);
+        let outcome = match known.and_then(|(dedup, id)| dedup.outcomes.get(&id)) {
             Some((version, recorded)) => self.replay_outcome(*version, recorded),
             None => self.decide_new(&command, &options, batch),
         };
@@ -381,7 +396,7 @@ impl<A: Aggregate> AggregateActor<A> {
                 Outcome::Rejected(error) => match rmp_serde::to_vec(error) {
                     Ok(error) => Some(RecordedOutcome::Rejected { error }),
                     Err(e) => {
-                        tracing::warn!(stream = %self.stream, error = %e, "rejection not recorded: cannot encode it");
+                        tracing::warn!(stream = %self.stream(), error = %e, "rejection not recorded: cannot encode it");
                         None
                     }
                 },
@@ -393,7 +408,7 @@ impl<A: Aggregate> AggregateActor<A> {
                     version: batch.version,
                     outcome,
                 };
-                self.dedup.insert(
+                self.dedup.get_or_insert_with(Box::default).insert(
                     &record,
                     self.shared.settings.dedup_window,
                     &mut batch.forget,
@@ -426,7 +441,7 @@ impl<A: Aggregate> AggregateActor<A> {
                 Ok(error) => Outcome::Rejected(error),
                 Err(e) => Outcome::Failed(RuntimeError::Store(format!(
                     "cannot decode the recorded rejection of a retried command on {}: {e}",
-                    self.stream
+                    self.stream()
                 ))),
             },
         }
@@ -442,7 +457,7 @@ impl<A: Aggregate> AggregateActor<A> {
         let events = match decision {
             Err(panic) => {
                 return Outcome::Failed(RuntimeError::HandlerPanicked {
-                    stream: self.stream.clone(),
+                    stream: self.stream(),
                     message: panic_message(&panic),
                 })
             }
@@ -472,7 +487,7 @@ impl<A: Aggregate> AggregateActor<A> {
                 }),
                 Err(e) => {
                     return Outcome::Failed(RuntimeError::Encode {
-                        stream: self.stream.clone(),
+                        stream: self.stream(),
                         reason: format!("event {}: {e}", event.event_type()),
                     })
                 }
@@ -489,7 +504,7 @@ impl<A: Aggregate> AggregateActor<A> {
         if let Err(panic) = applied {
             batch.poisoned = Some(panic_message(&panic));
             return Outcome::Failed(RuntimeError::HandlerPanicked {
-                stream: self.stream.clone(),
+                stream: self.stream(),
                 message: panic_message(&panic),
             });
         }
@@ -507,7 +522,7 @@ impl<A: Aggregate> AggregateActor<A> {
     fn write(&mut self, mut batch: Batch<A>, ctx: &mut Context<Self>) {
         self.phase = Phase::Writing;
         let request = AppendRequest {
-            stream: self.stream.clone(),
+            stream: self.stream(),
             expected_version: batch.expected_version,
             events: std::mem::take(&mut batch.events),
             record_commands: std::mem::take(&mut batch.records),
@@ -531,7 +546,7 @@ impl<A: Aggregate> AggregateActor<A> {
         match result {
             Ok(done) => {
                 self.version = done.last_sequence;
-                self.backoff = RESTART_BACKOFF.0;
+                self.failed_writes = 0;
                 self.phase = Phase::Ready;
                 batch.reply_all(done.first_position);
                 self.maybe_snapshot();
@@ -540,7 +555,7 @@ impl<A: Aggregate> AggregateActor<A> {
             Err(StoreError::Conflict {
                 expected, actual, ..
             }) => {
-                tracing::debug!(stream = %self.stream, expected, actual, "version conflict: reloading");
+                tracing::debug!(stream = %self.stream(), expected, actual, "version conflict: reloading");
                 // Decide the batch again, once, against the reloaded state; in order, before
                 // anything queued after it.
                 for d in batch.decided.into_iter().rev() {
@@ -556,7 +571,7 @@ impl<A: Aggregate> AggregateActor<A> {
                         _ => {
                             let _ = d.reply.send(Attempt::Done(Err(CommandError::Runtime(
                                 RuntimeError::Conflict {
-                                    stream: self.stream.clone(),
+                                    stream: self.stream(),
                                     expected,
                                     actual,
                                 },
@@ -567,7 +582,7 @@ impl<A: Aggregate> AggregateActor<A> {
                 self.restart(ctx, false);
             }
             Err(error) => {
-                tracing::error!(stream = %self.stream, %error, "append failed: restarting from the store");
+                tracing::error!(stream = %self.stream(), %error, "append failed: restarting from the store");
                 batch.fail_all(&RuntimeError::from(error));
                 self.restart(ctx, true);
             }
@@ -586,13 +601,13 @@ impl<A: Aggregate> AggregateActor<A> {
             Ok(p) => p,
             Err(e) => {
                 self.shared.stats.snapshot_failed();
-                tracing::warn!(stream = %self.stream, error = %e, "snapshot skipped: cannot encode the state");
+                tracing::warn!(stream = %self.stream(), error = %e, "snapshot skipped: cannot encode the state");
                 return;
             }
         };
         self.last_snapshot = self.version;
         let record = SnapshotRecord {
-            stream: self.stream.clone(),
+            stream: self.stream(),
             sequence: self.version,
             timestamp_micros: now_micros(),
             schema_version: A::SNAPSHOT_VERSION,
@@ -644,8 +659,7 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
         for work in self.queue.drain(..) {
             work.bounce();
         }
-        self.shared
-            .forget(&self.stream.aggregate_id, self.incarnation);
+        self.shared.forget(&self.id, self.incarnation);
     }
 }
 
@@ -664,13 +678,12 @@ impl<A: Aggregate> Handler<Deliver<A>> for AggregateActor<A> {
         if self.queue.len() >= capacity {
             let _ = work.reply.send(Attempt::Done(Err(CommandError::Runtime(
                 RuntimeError::Overloaded {
-                    stream: self.stream.clone(),
+                    stream: self.stream(),
                     capacity,
                 },
             ))));
             return;
         }
-        self.last_active = Instant::now();
         self.drive(ctx, Some(work));
     }
 }
@@ -679,9 +692,9 @@ impl<A: Aggregate> Handler<Passivate> for AggregateActor<A> {
     type Result = ();
 
     fn handle(&mut self, msg: Passivate, ctx: &mut Context<Self>) {
-        let idle_for = Duration::from_millis(self.shared.settings.idle_timeout_ms);
-        let idle =
-            msg.force || (idle_for > Duration::ZERO && self.last_active.elapsed() >= idle_for);
+        // The sweep's view may be stale: work may have come since, so the registry's last use
+        // is checked again here.
+        let idle = msg.force || self.shared.idle(&self.id);
         if idle && self.phase == Phase::Ready && self.queue.is_empty() {
             self.shared.stats.passivated();
             self.stop(ctx);

@@ -85,6 +85,8 @@ pub(crate) struct TypeShared<A: Aggregate> {
     pub(crate) recoveries: Arc<Semaphore>,
     pub(crate) stats: TypeStats,
     registry: DashMap<AggregateId, Slot<A>>,
+    /// `A::TYPE`, shared by every stream id of this type instead of copied into each.
+    type_tag: Arc<str>,
     arbiters: Arc<[ArbiterHandle]>,
     incarnations: AtomicU64,
     uses: AtomicU64,
@@ -105,12 +107,33 @@ impl<A: Aggregate> TypeShared<A> {
             recoveries,
             stats: TypeStats::default(),
             registry: DashMap::new(),
+            type_tag: Arc::from(A::TYPE),
             arbiters,
             incarnations: AtomicU64::new(0),
             uses: AtomicU64::new(0),
             started: Instant::now(),
             sweep_now: Notify::new(),
         }
+    }
+
+    /// The stream of `id`, sharing the type tag (no allocation).
+    pub(crate) fn stream(&self, id: &AggregateId) -> StreamId {
+        StreamId {
+            aggregate_type: self.type_tag.clone(),
+            aggregate_id: id.clone(),
+        }
+    }
+
+    /// Whether `id` has been idle for the idle timeout (never, when there is no timeout).
+    pub(crate) fn idle(&self, id: &AggregateId) -> bool {
+        let idle_ms = self.settings.idle_timeout_ms;
+        if idle_ms == 0 {
+            return false;
+        }
+        let now = self.now_ms();
+        self.registry.get(id).map_or(true, |slot| {
+            now.saturating_sub(slot.last_used.load(Ordering::Relaxed)) >= idle_ms
+        })
     }
 
     fn now_ms(&self) -> u64 {
@@ -151,11 +174,7 @@ impl<A: Aggregate> TypeShared<A> {
             Entry::Vacant(v) => {
                 let incarnation = self.incarnations.fetch_add(1, Ordering::Relaxed);
                 let (tx, rx) = channel::channel(self.settings.mailbox_capacity);
-                let actor = AggregateActor::new(
-                    self.clone(),
-                    StreamId::new(A::TYPE, id.clone()),
-                    incarnation,
-                );
+                let actor = AggregateActor::new(self.clone(), id.clone(), incarnation);
                 let spawned = arbiter.spawn_fn(move || {
                     let ctx: Context<AggregateActor<A>> = Context::with_receiver(rx);
                     actix::spawn(ctx.into_future(actor));
@@ -207,7 +226,7 @@ impl<A: Aggregate> TypeShared<A> {
                 Err(actix::prelude::SendError::Full(mut msg)) => {
                     drop(msg.0.take());
                     return Err(CommandError::Runtime(RuntimeError::Overloaded {
-                        stream: StreamId::new(A::TYPE, id.clone()),
+                        stream: self.stream(id),
                         capacity: self.settings.mailbox_capacity,
                     }));
                 }
@@ -232,7 +251,7 @@ impl<A: Aggregate> TypeShared<A> {
             }
         }
         Err(CommandError::Runtime(RuntimeError::Activation {
-            stream: StreamId::new(A::TYPE, id.clone()),
+            stream: self.stream(id),
             reason: format!(
                 "the actor stopped {MAX_BOUNCES} times in a row before taking the work"
             ),
