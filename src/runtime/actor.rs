@@ -6,7 +6,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::{Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, WrapFuture};
+use actix::{
+    Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, WeakAddr, WrapFuture,
+};
 use uuid::Uuid;
 
 use super::command::{CommandOptions, Committed, CommittedEvent};
@@ -48,7 +50,8 @@ enum Phase {
 pub(crate) struct AggregateActor<A: Aggregate> {
     shared: Arc<TypeShared<A>>,
     id: AggregateId,
-    incarnation: u64,
+    /// Its own address, weakly: names this incarnation to the registry.
+    me: WeakAddr<Self>,
     phase: Phase,
     /// Failed writes in a row (capped): the next reload waits 10 ms doubled this many times.
     failed_writes: u8,
@@ -183,11 +186,11 @@ struct Loaded<A> {
 }
 
 impl<A: Aggregate> AggregateActor<A> {
-    pub(crate) fn new(shared: Arc<TypeShared<A>>, id: AggregateId, incarnation: u64) -> Self {
+    pub(crate) fn new(shared: Arc<TypeShared<A>>, id: AggregateId, me: WeakAddr<Self>) -> Self {
         Self {
             shared,
             id,
-            incarnation,
+            me,
             phase: Phase::Recovering,
             failed_writes: 0,
             state: A::default(),
@@ -251,7 +254,7 @@ impl<A: Aggregate> AggregateActor<A> {
     /// Leaves the registry and stops; anything still queued goes to the next incarnation.
     fn stop(&mut self, ctx: &mut Context<Self>) {
         self.phase = Phase::Stopping;
-        self.shared.forget(&self.id, self.incarnation);
+        self.shared.forget(&self.id, &self.me);
         for work in self.queue.drain(..) {
             work.bounce();
         }
@@ -652,6 +655,12 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        // actix stops an actor whose mailbox has no sender and that runs no future, and this
+        // one often has no sender: the registry keeps a weak address and callers hold a sender
+        // only while they send. This future never completes (and, being empty, allocates
+        // nothing), so the actor lives until it stops itself: passivation, shutdown, or a
+        // failed activation.
+        ctx.spawn(actix::fut::wrap_future(std::future::pending::<()>()));
         self.recover(ctx);
     }
 
@@ -659,7 +668,7 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
         for work in self.queue.drain(..) {
             work.bounce();
         }
-        self.shared.forget(&self.id, self.incarnation);
+        self.shared.forget(&self.id, &self.me);
     }
 }
 

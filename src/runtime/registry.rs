@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::dev::channel;
-use actix::{Addr, ArbiterHandle, Context};
+use actix::{Addr, ArbiterHandle, Context, WeakAddr};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use tokio::sync::{Notify, Semaphore};
@@ -28,14 +28,22 @@ use crate::store::EventStore;
 /// gives up; each bounce means an actor stopped between lookup and delivery.
 const MAX_BOUNCES: usize = 32;
 
+/// Bits of a use stamp below its milliseconds (see [`TypeShared::stamp`]).
+const STAMP_SEQUENCE_BITS: u32 = 20;
+
+/// One live actor in the registry. Kept small: with a million live aggregates the table holds
+/// about two million buckets (hash tables grow by doubling), so each byte here costs ~2 B per
+/// live aggregate.
 pub(crate) struct Slot<A: Aggregate> {
-    addr: Addr<AggregateActor<A>>,
-    incarnation: u64,
-    /// Milliseconds since the runtime started, at the last delivery (for the idle timeout).
-    last_used: AtomicU64,
-    /// The type's use counter at the last delivery: a strict recency order for the live limit.
-    /// Milliseconds alone tie, and a tie could pick a just-activated actor as the "least
-    /// recently used" one, which ignores the request while it recovers.
+    /// Weak, because a sender costs two allocations of its own: a delivery upgrades it to a
+    /// sender for the send. It also names the incarnation: a stopping actor removes the slot
+    /// only if it is still its own (the weak pointer keeps the channel's allocation, so it
+    /// cannot be reused by a newer incarnation while the slot exists).
+    addr: WeakAddr<AggregateActor<A>>,
+    /// The use stamp of the last delivery: its milliseconds give the idle time, the whole stamp
+    /// a strict recency order for the live limit (milliseconds alone tie, and a tie could
+    /// pick a just-activated actor as the "least recently used" one, which ignores the request
+    /// while it recovers).
     last_use: AtomicU64,
 }
 
@@ -88,8 +96,8 @@ pub(crate) struct TypeShared<A: Aggregate> {
     /// `A::TYPE`, shared by every stream id of this type instead of copied into each.
     type_tag: Arc<str>,
     arbiters: Arc<[ArbiterHandle]>,
-    incarnations: AtomicU64,
-    uses: AtomicU64,
+    /// The last use stamp handed out.
+    stamp: AtomicU64,
     started: Instant,
     sweep_now: Notify,
 }
@@ -109,8 +117,7 @@ impl<A: Aggregate> TypeShared<A> {
             registry: DashMap::new(),
             type_tag: Arc::from(A::TYPE),
             arbiters,
-            incarnations: AtomicU64::new(0),
-            uses: AtomicU64::new(0),
+            stamp: AtomicU64::new(0),
             started: Instant::now(),
             sweep_now: Notify::new(),
         }
@@ -132,8 +139,23 @@ impl<A: Aggregate> TypeShared<A> {
         }
         let now = self.now_ms();
         self.registry.get(id).map_or(true, |slot| {
-            now.saturating_sub(slot.last_used.load(Ordering::Relaxed)) >= idle_ms
+            now.saturating_sub(stamp_ms(slot.last_use.load(Ordering::Relaxed))) >= idle_ms
         })
+    }
+
+    /// A new use stamp: milliseconds since start shifted above [`STAMP_SEQUENCE_BITS`], and
+    /// at least one more than the last stamp, so stamps are unique and ordered by time even
+    /// within one millisecond.
+    fn stamp(&self) -> u64 {
+        let floor = self.now_ms() << STAMP_SEQUENCE_BITS;
+        let next = |last: u64| floor.max(last.saturating_add(1));
+        let last = self
+            .stamp
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
+                Some(next(last))
+            })
+            .unwrap_or_else(|last| last);
+        next(last)
     }
 
     fn now_ms(&self) -> u64 {
@@ -154,49 +176,60 @@ impl<A: Aggregate> TypeShared<A> {
     fn lookup_or_activate(
         self: &Arc<Self>,
         id: &AggregateId,
-    ) -> Result<(Addr<AggregateActor<A>>, u64), RuntimeError> {
-        let now = self.now_ms();
-        let tick = self.uses.fetch_add(1, Ordering::Relaxed) + 1;
+    ) -> Result<Addr<AggregateActor<A>>, RuntimeError> {
+        let stamp = self.stamp();
         if let Some(slot) = self.registry.get(id) {
-            slot.last_used.store(now, Ordering::Relaxed);
-            slot.last_use.fetch_max(tick, Ordering::Relaxed);
-            return Ok((slot.addr.clone(), slot.incarnation));
+            if let Some(addr) = slot.addr.upgrade() {
+                slot.last_use.fetch_max(stamp, Ordering::Relaxed);
+                return Ok(addr);
+            }
         }
         let arbiter = self.place(id)?;
-        let entry = self.registry.entry(id.clone());
-        let slot = match entry {
-            Entry::Occupied(o) => {
-                let slot = o.get();
-                slot.last_used.store(now, Ordering::Relaxed);
-                slot.last_use.fetch_max(tick, Ordering::Relaxed);
-                return Ok((slot.addr.clone(), slot.incarnation));
+        let addr = match self.registry.entry(id.clone()) {
+            Entry::Occupied(mut o) => {
+                if let Some(addr) = o.get().addr.upgrade() {
+                    o.get().last_use.fetch_max(stamp, Ordering::Relaxed);
+                    return Ok(addr);
+                }
+                // Its mailbox is gone but the stopping actor has not removed its slot yet.
+                let (slot, addr) = self.activate(id, arbiter, stamp)?;
+                o.insert(slot);
+                addr
             }
             Entry::Vacant(v) => {
-                let incarnation = self.incarnations.fetch_add(1, Ordering::Relaxed);
-                let (tx, rx) = channel::channel(self.settings.mailbox_capacity);
-                let actor = AggregateActor::new(self.clone(), id.clone(), incarnation);
-                let spawned = arbiter.spawn_fn(move || {
-                    let ctx: Context<AggregateActor<A>> = Context::with_receiver(rx);
-                    actix::spawn(ctx.into_future(actor));
-                });
-                if !spawned {
-                    return Err(RuntimeError::Stopped);
-                }
-                let slot = Slot {
-                    addr: Addr::new(tx),
-                    incarnation,
-                    last_used: AtomicU64::new(now),
-                    last_use: AtomicU64::new(tick),
-                };
-                let out = (slot.addr.clone(), incarnation);
+                let (slot, addr) = self.activate(id, arbiter, stamp)?;
                 v.insert(slot);
-                out
+                addr
             }
         };
         if self.settings.max_live > 0 && self.registry.len() > self.settings.max_live {
             self.sweep_now.notify_one();
         }
-        Ok(slot)
+        Ok(addr)
+    }
+
+    /// Starts an actor for `id` on `arbiter`; called under the registry's entry lock.
+    fn activate(
+        self: &Arc<Self>,
+        id: &AggregateId,
+        arbiter: &ArbiterHandle,
+        stamp: u64,
+    ) -> Result<(Slot<A>, Addr<AggregateActor<A>>), RuntimeError> {
+        let (tx, rx) = channel::channel(self.settings.mailbox_capacity);
+        let addr = Addr::new(tx);
+        let actor = AggregateActor::new(self.clone(), id.clone(), addr.downgrade());
+        let spawned = arbiter.spawn_fn(move || {
+            let ctx: Context<AggregateActor<A>> = Context::with_receiver(rx);
+            actix::spawn(ctx.into_future(actor));
+        });
+        if !spawned {
+            return Err(RuntimeError::Stopped);
+        }
+        let slot = Slot {
+            addr: addr.downgrade(),
+            last_use: AtomicU64::new(stamp),
+        };
+        Ok((slot, addr))
     }
 
     /// The arbiter that hosts `id`: a stable hash, so one id always lands on one thread.
@@ -206,10 +239,9 @@ impl<A: Aggregate> TypeShared<A> {
         self.arbiters.get(index).ok_or(RuntimeError::Stopped)
     }
 
-    /// Removes `id`'s slot if it still belongs to `incarnation`.
-    pub(crate) fn forget(&self, id: &AggregateId, incarnation: u64) {
-        self.registry
-            .remove_if(id, |_, slot| slot.incarnation == incarnation);
+    /// Removes `id`'s slot if it still belongs to the actor at `addr`.
+    pub(crate) fn forget(&self, id: &AggregateId, addr: &WeakAddr<AggregateActor<A>>) {
+        self.registry.remove_if(id, |_, slot| slot.addr == *addr);
     }
 
     /// Delivers work to `id`'s actor, following it across passivations.
@@ -219,9 +251,14 @@ impl<A: Aggregate> TypeShared<A> {
         mut kind: WorkKind<A>,
     ) -> Result<Committed<A::Event>, CommandError<A::Error>> {
         for _ in 0..MAX_BOUNCES {
-            let (addr, incarnation) = self.lookup_or_activate(id)?;
+            let addr = self.lookup_or_activate(id)?;
             let (reply, outcome) = tokio::sync::oneshot::channel();
-            match addr.try_send(Deliver(Some(Work { kind, reply }))) {
+            let sent = addr.try_send(Deliver(Some(Work { kind, reply })));
+            // Only the weak address is kept while the reply is awaited: a sender is two
+            // allocations, and the actor does not need senders to stay alive.
+            let actor = addr.downgrade();
+            drop(addr);
+            match sent {
                 Ok(()) => {}
                 Err(actix::prelude::SendError::Full(mut msg)) => {
                     drop(msg.0.take());
@@ -231,7 +268,7 @@ impl<A: Aggregate> TypeShared<A> {
                     }));
                 }
                 Err(actix::prelude::SendError::Closed(mut msg)) => {
-                    self.forget(id, incarnation);
+                    self.forget(id, &actor);
                     match msg.0.take() {
                         Some(work) => {
                             kind = work.kind;
@@ -244,7 +281,7 @@ impl<A: Aggregate> TypeShared<A> {
             match outcome.await {
                 Ok(Attempt::Done(result)) => return result,
                 Ok(Attempt::Bounced(returned)) => {
-                    self.forget(id, incarnation);
+                    self.forget(id, &actor);
                     kind = returned;
                 }
                 Err(_) => return Err(CommandError::Runtime(RuntimeError::Stopped)),
@@ -284,26 +321,34 @@ impl<A: Aggregate> TypeShared<A> {
         } else {
             0
         };
-        let mut by_age: Vec<(u64, Addr<AggregateActor<A>>)> = Vec::new();
+        let mut by_age: Vec<(u64, WeakAddr<AggregateActor<A>>)> = Vec::new();
         for slot in self.registry.iter() {
-            let last = slot.last_used.load(Ordering::Relaxed);
-            if idle_ms > 0 && now.saturating_sub(last) >= idle_ms {
-                slot.addr.do_send(Passivate { force: false });
+            let last = slot.last_use.load(Ordering::Relaxed);
+            if idle_ms > 0 && now.saturating_sub(stamp_ms(last)) >= idle_ms {
+                if let Some(addr) = slot.addr.upgrade() {
+                    addr.do_send(Passivate { force: false });
+                }
             } else if over > 0 {
-                by_age.push((slot.last_use.load(Ordering::Relaxed), slot.addr.clone()));
+                by_age.push((last, slot.addr.clone()));
             }
         }
         if over > 0 {
             by_age.sort_unstable_by_key(|(last, _)| *last);
             for (_, addr) in by_age.into_iter().take(over) {
-                addr.do_send(Passivate { force: true });
+                if let Some(addr) = addr.upgrade() {
+                    addr.do_send(Passivate { force: true });
+                }
             }
         }
     }
 
     /// Asks every live actor to finish its queue and stop; returns when all have.
     pub(crate) async fn stop_all(self: &Arc<Self>) {
-        let addrs: Vec<_> = self.registry.iter().map(|s| s.addr.clone()).collect();
+        let addrs: Vec<_> = self
+            .registry
+            .iter()
+            .filter_map(|s| s.addr.upgrade())
+            .collect();
         let mut waits = Vec::with_capacity(addrs.len());
         for addr in addrs {
             let (reply, outcome) = tokio::sync::oneshot::channel();
@@ -319,4 +364,9 @@ impl<A: Aggregate> TypeShared<A> {
         }
         futures::future::join_all(waits).await;
     }
+}
+
+/// The milliseconds since start of a use stamp.
+fn stamp_ms(stamp: u64) -> u64 {
+    stamp >> STAMP_SEQUENCE_BITS
 }
