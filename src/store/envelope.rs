@@ -89,7 +89,19 @@ impl EventEnvelope {
 
     /// Encodes the envelope for storage.
     pub(crate) fn encode(&self) -> Result<Vec<u8>, StoreError> {
-        encode_tagged(self, "event envelope", 96 + self.payload.len())
+        let mut buf = Vec::with_capacity(self.encoded_len_hint());
+        self.encode_into(&mut buf)?;
+        Ok(buf)
+    }
+
+    /// Appends the encoded envelope to `buf` (after a record header, without a second copy).
+    pub(crate) fn encode_into(&self, buf: &mut Vec<u8>) -> Result<(), StoreError> {
+        encode_tagged_into(self, "event envelope", buf)
+    }
+
+    /// About how many bytes the encoding takes (enough for the usual metadata).
+    pub(crate) fn encoded_len_hint(&self) -> usize {
+        96 + self.event_type.len() + self.payload.len()
     }
 
     /// Decodes a stored envelope; `stream` and `sequence` name the record in the error.
@@ -139,10 +151,18 @@ fn encode_tagged<T: Serialize>(
     capacity: usize,
 ) -> Result<Vec<u8>, StoreError> {
     let mut buf = Vec::with_capacity(capacity);
-    buf.push(ENVELOPE_FORMAT);
-    rmp_serde::encode::write(&mut buf, value)
-        .map_err(|source| StoreError::Encode { what, source })?;
+    encode_tagged_into(value, what, &mut buf)?;
     Ok(buf)
+}
+
+/// [`encode_tagged`] at the end of `buf`.
+fn encode_tagged_into<T: Serialize>(
+    value: &T,
+    what: &'static str,
+    buf: &mut Vec<u8>,
+) -> Result<(), StoreError> {
+    buf.push(ENVELOPE_FORMAT);
+    rmp_serde::encode::write(buf, value).map_err(|source| StoreError::Encode { what, source })
 }
 
 /// Decodes a record written by [`encode_tagged`]; `stream` and `sequence` name it in the error.

@@ -151,13 +151,13 @@ pub(crate) struct LogRecord {
 }
 
 impl LogRecord {
-    /// The record's bytes: this header, then `envelope`.
-    pub(crate) fn encode(&self, envelope: &[u8]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(LOG_HEADER_LEN + envelope.len());
+    /// A buffer holding this header, with room for `body` more bytes: the encoded envelope is
+    /// written after it.
+    pub(crate) fn start(&self, body: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(LOG_HEADER_LEN + body);
         out.push(LOG_RECORD_FORMAT);
         out.extend_from_slice(&self.sequence.to_be_bytes());
         out.extend_from_slice(&self.previous.to_be_bytes());
-        out.extend_from_slice(envelope);
         out
     }
 
@@ -195,7 +195,8 @@ mod tests {
             sequence: 7,
             previous: 42,
         };
-        let bytes = header.encode(b"envelope");
+        let mut bytes = header.start(8);
+        bytes.extend_from_slice(b"envelope");
         assert_eq!(LogRecord::decode(&bytes), Ok((header, &b"envelope"[..])));
         assert!(LogRecord::decode(&bytes[..10]).is_err());
         assert!(LogRecord::decode(b"\x01\xc1garbage").is_err());

@@ -395,8 +395,13 @@ impl Committer {
             });
         }
         // Encode everything before touching the batch, so a failure leaves no partial append.
-        let index_base = keys::stream_key(keys::STREAM, &stream)?;
-        let command_base = keys::stream_key(keys::COMMAND, &stream)?;
+        // Only an append that reaches a multiple of the stride writes an index entry.
+        let last = meta.highest + events.len() as u64;
+        let index_base = if last / keys::INDEX_STRIDE > meta.highest / keys::INDEX_STRIDE {
+            keys::stream_key(keys::STREAM, &stream)?
+        } else {
+            Vec::new()
+        };
         let timestamp = now_micros();
         let mut rows: Vec<(Vec<u8>, Vec<u8>)> =
             Vec::with_capacity(events.len() + record_commands.len() + 2);
@@ -409,7 +414,8 @@ impl Committer {
             position += 1;
             let envelope =
                 EventEnvelope::from_new(event, stream.clone(), sequence, position, timestamp);
-            let record = LogRecord { sequence, previous }.encode(&envelope.encode()?);
+            let mut record = LogRecord { sequence, previous }.start(envelope.encoded_len_hint());
+            envelope.encode_into(&mut record)?;
             check_size(record.len(), "event")?;
             rows.push((keys::log_key(position).to_vec(), record));
             if sequence % keys::INDEX_STRIDE == 0 {
@@ -420,6 +426,11 @@ impl Committer {
             }
             previous = position;
         }
+        let command_base = if record_commands.is_empty() && forget_commands.is_empty() {
+            Vec::new()
+        } else {
+            keys::stream_key(keys::COMMAND, &stream)?
+        };
         for record in &record_commands {
             let mut key = keys::with_u64(&command_base, record.version);
             key.extend_from_slice(record.command_id.as_bytes());
