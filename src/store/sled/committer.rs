@@ -107,7 +107,8 @@ pub(super) struct Committer {
     data_file: File,
     config: SledStoreConfig,
     head: u64,
-    head_tx: watch::Sender<u64>,
+    /// Publishes heads and sends replies once a batch is as durable as configured.
+    acks: Acks,
     /// Stream metadata of recently written streams. The committer is the only writer, so the
     /// cache is always exact; it saves a tree read per append. Holds every dirty stream.
     metas: HashMap<Vec<u8>, StreamMeta>,
@@ -158,7 +159,7 @@ impl Committer {
             data_file,
             config,
             head,
-            head_tx,
+            acks: Acks::Inline(head_tx),
             metas: HashMap::new(),
             dirty,
             dirty_order: VecDeque::new(),
@@ -214,6 +215,9 @@ impl Committer {
 
     pub(super) fn run(mut self, mut rx: mpsc::UnboundedReceiver<WriteOp>) {
         let flusher = self.start_flusher();
+        if self.config.durability == Durability::Sync {
+            self.start_syncer();
+        }
         let mut carried: Option<WriteOp> = None;
         let mut shutdown: Option<Reply<()>> = None;
         while shutdown.is_none() {
@@ -263,9 +267,64 @@ impl Committer {
             reject_closed(op);
         }
         drop(flusher);
+        // Every batch the syncer holds is synced and answered before the last sync.
+        if let Acks::Syncer { tx, handle, .. } = std::mem::replace(&mut self.acks, Acks::Closed) {
+            drop(tx);
+            if handle.join().is_err() {
+                tracing::error!("the syncer thread panicked");
+            }
+        }
         let result = self.sync();
         if let Some(reply) = shutdown {
             let _ = reply.send(result);
+        }
+    }
+
+    /// In `sync` mode, the thread that makes applied batches durable and answers them, so the
+    /// next batch is applied while the previous one is being synced; batches applied during a
+    /// sync share the next one.
+    fn start_syncer(&mut self) {
+        let Ok(file) = self.data_file.try_clone() else {
+            tracing::error!("cannot clone the data file handle; syncing on the committer");
+            return;
+        };
+        let (tx, rx) = std_mpsc::channel::<Applied>();
+        let db = self.db.clone();
+        let Acks::Inline(head_tx) = &self.acks else {
+            return;
+        };
+        let head_tx = head_tx.clone();
+        let spawned = std::thread::Builder::new()
+            .name("incarnate-syncer".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut group = vec![first];
+                    group.extend(rx.try_iter());
+                    let synced = db
+                        .flush()
+                        .map_err(StoreError::from)
+                        .and_then(|_| file.sync_data().map_err(StoreError::from));
+                    finish(group, Some(&head_tx), synced);
+                }
+            });
+        match spawned {
+            Ok(handle) => {
+                let head_tx = match std::mem::replace(&mut self.acks, Acks::Closed) {
+                    Acks::Inline(head_tx) => head_tx,
+                    other => {
+                        self.acks = other;
+                        return;
+                    }
+                };
+                self.acks = Acks::Syncer {
+                    tx,
+                    handle,
+                    head_tx,
+                };
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the syncer thread; syncing on the committer");
+            }
         }
     }
 
@@ -588,26 +647,34 @@ impl Committer {
                 .map_err(StoreError::from);
             applied = outcome.is_ok();
         }
-        let must_sync =
-            plan.force_sync || (plan.dirty && self.config.durability == Durability::Sync);
-        if outcome.is_ok() && must_sync {
-            outcome = self.sync();
-        }
-        // Once applied, the batch's positions are taken whatever the fsync said: reusing them
+        // Once applied, the batch's positions are taken whatever the fsync says: reusing them
         // would overwrite events that may already be on disk. Its callers still get an error,
         // because its durability is unknown.
         if applied {
             self.metas_applied(&mut plan, metas_written);
-            if plan.next_head != self.head {
-                self.head = plan.next_head;
-                self.head_tx.send_replace(self.head);
-            }
+            self.head = plan.next_head;
         }
-        match outcome {
-            Ok(()) => plan.replies.into_iter().for_each(Pending::send),
-            Err(err) => {
-                tracing::error!(error = %err, "commit failed");
-                plan.replies.into_iter().for_each(|p| p.fail(&err).send());
+        let must_sync =
+            plan.force_sync || (plan.dirty && self.config.durability == Durability::Sync);
+        let done = Applied {
+            head: applied.then_some(self.head),
+            outcome,
+            replies: plan.replies,
+        };
+        match &self.acks {
+            Acks::Syncer { tx, .. } if must_sync && done.outcome.is_ok() => {
+                if let Err(std_mpsc::SendError(done)) = tx.send(done) {
+                    let err = StoreError::Storage("the syncer thread is gone".into());
+                    finish(vec![done], self.acks.head_tx(), Err(err));
+                }
+            }
+            acks => {
+                let synced = if must_sync && done.outcome.is_ok() {
+                    self.sync()
+                } else {
+                    Ok(())
+                };
+                finish(vec![done], acks.head_tx(), synced);
             }
         }
     }
@@ -692,6 +759,69 @@ impl Committer {
             self.metas.retain(|key, _| dirty.contains_key(key));
         }
         self.metas.extend(plan.metas.drain());
+    }
+}
+
+/// Where applied batches go to be acknowledged.
+enum Acks {
+    /// Synced (when needed) and answered by the committer itself.
+    Inline(watch::Sender<u64>),
+    /// Handed to the syncer thread (`sync` mode).
+    Syncer {
+        tx: std_mpsc::Sender<Applied>,
+        handle: std::thread::JoinHandle<()>,
+        head_tx: watch::Sender<u64>,
+    },
+    /// Shutting down: the syncer has stopped.
+    Closed,
+}
+
+impl Acks {
+    fn head_tx(&self) -> Option<&watch::Sender<u64>> {
+        match self {
+            Acks::Inline(head_tx) | Acks::Syncer { head_tx, .. } => Some(head_tx),
+            Acks::Closed => None,
+        }
+    }
+}
+
+/// A batch the committer has applied (or failed to), waiting to be acknowledged.
+struct Applied {
+    /// The head after it, if it was applied.
+    head: Option<u64>,
+    outcome: Result<(), StoreError>,
+    replies: Vec<Pending>,
+}
+
+/// Acknowledges `group` (applied in order) once `synced` says whether the sync covering it
+/// worked: publishes the new head, then replies, so a caller that reads the log after its
+/// append always sees it.
+fn finish(
+    group: Vec<Applied>,
+    head_tx: Option<&watch::Sender<u64>>,
+    synced: Result<(), StoreError>,
+) {
+    if let (Some(head), Some(head_tx)) = (group.iter().filter_map(|a| a.head).max(), head_tx) {
+        head_tx.send_if_modified(|current| {
+            let moved = head > *current;
+            *current = (*current).max(head);
+            moved
+        });
+    }
+    for applied in group {
+        match applied.outcome.and_then(|()| match &synced {
+            Ok(()) => Ok(()),
+            Err(e) => Err(StoreError::Storage(e.to_string())),
+        }) {
+            Ok(()) => applied.replies.into_iter().for_each(Pending::send),
+            Err(err) => {
+                tracing::error!(error = %err, "commit failed");
+                applied
+                    .replies
+                    .into_iter()
+                    .for_each(|p| p.fail(&err).send());
+            }
+        }
     }
 }
 
