@@ -188,8 +188,15 @@ pub struct ProjectorOptions {
     pub delivery: Delivery,
     /// Failure strategy.
     pub on_error: OnError,
-    /// Events read from the log per batch.
+    /// Events per read of the log, and per batch (one commit of the read-model writes with the
+    /// checkpoint) near the head.
     pub batch_size: usize,
+    /// The largest batch while the projector is at least this many events behind the head
+    /// (catching up after a start, a stop or a rebuild): a batch takes further reads of
+    /// `batch_size` events, up to this many, as long as its read-model writes stay fewer than
+    /// `batch_size`, so a projector that writes little commits less often while one that writes
+    /// a lot keeps commits of the usual size. At most `batch_size` turns it off.
+    pub catch_up_batch_size: usize,
 }
 
 impl Default for ProjectorOptions {
@@ -198,6 +205,7 @@ impl Default for ProjectorOptions {
             delivery: Delivery::ExactlyOnce,
             on_error: OnError::Stop,
             batch_size: 512,
+            catch_up_batch_size: 4096,
         }
     }
 }

@@ -85,6 +85,11 @@ impl ReadModelTx {
         self.extra.push(write);
     }
 
+    /// The number of writes to commit so far (a cleared table counts as one).
+    pub(crate) fn len(&self) -> usize {
+        self.batch.len() + self.event.len() + self.cleared.len() + self.extra.len()
+    }
+
     /// Whether anything is to be written.
     pub(crate) fn is_empty(&self) -> bool {
         self.batch.is_empty() && self.cleared.is_empty() && self.extra.is_empty()

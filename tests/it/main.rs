@@ -17,6 +17,7 @@ mod runtime_support;
 
 mod embedding;
 mod http_service;
+mod projection_catchup;
 mod projection_crash;
 mod projection_failures;
 mod projection_rebuild;
