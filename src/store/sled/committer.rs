@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::chain::{self, DirtyMetas};
-use super::{Durability, SledStoreConfig, MAX_RECORD_BYTES};
+use super::{decode_log_record, Durability, SledStoreConfig, MAX_RECORD_BYTES};
 use crate::domain::StreamId;
 use crate::store::keys::{self, LogRecord, StreamMeta};
 use crate::store::{
@@ -179,22 +179,16 @@ impl Committer {
         for item in self.tree.range(from..=keys::log_key(self.head)) {
             let (key, value) = item?;
             let position = keys::trailing_u64(&key).unwrap_or(0);
-            let decode_err = |reason: String| StoreError::Decode {
-                what: "event envelope",
-                stream: StreamId::new("$log", ""),
-                sequence: position,
-                reason,
-            };
-            let (header, envelope) = LogRecord::decode(&value).map_err(decode_err)?;
-            let stream =
-                EventEnvelope::decode(envelope, &StreamId::new("$log", ""), position)?.stream;
+            let EventEnvelope {
+                stream, sequence, ..
+            } = decode_log_record(&value, position)?;
             let meta_key = keys::stream_key(keys::META, &stream)?;
             let mut meta = match self.metas.get(&meta_key) {
                 Some(meta) => *meta,
                 None => chain::stored_meta(&self.tree, &meta_key, &stream)?,
             };
-            if header.sequence > meta.highest {
-                meta.highest = header.sequence;
+            if sequence > meta.highest {
+                meta.highest = sequence;
                 meta.last_position = position;
             }
             if !self.dirty.contains_key(&meta_key) {
@@ -294,28 +288,18 @@ impl Committer {
             return;
         };
         let head_tx = head_tx.clone();
+        let thread_head_tx = head_tx.clone();
         let spawned = std::thread::Builder::new()
             .name("incarnate-syncer".into())
             .spawn(move || {
                 while let Ok(first) = rx.recv() {
                     let mut group = vec![first];
                     group.extend(rx.try_iter());
-                    let synced = db
-                        .flush()
-                        .map_err(StoreError::from)
-                        .and_then(|_| file.sync_data().map_err(StoreError::from));
-                    finish(group, Some(&head_tx), synced);
+                    finish(group, Some(&thread_head_tx), flush_and_sync(&db, &file));
                 }
             });
         match spawned {
             Ok(handle) => {
-                let head_tx = match std::mem::replace(&mut self.acks, Acks::Closed) {
-                    Acks::Inline(head_tx) => head_tx,
-                    other => {
-                        self.acks = other;
-                        return;
-                    }
-                };
                 self.acks = Acks::Syncer {
                     tx,
                     handle,
@@ -343,11 +327,7 @@ impl Committer {
             .spawn(move || {
                 while let Err(std_mpsc::RecvTimeoutError::Timeout) = stop_rx.recv_timeout(interval)
                 {
-                    if let Err(e) = db
-                        .flush()
-                        .map_err(StoreError::from)
-                        .and_then(|_| file.sync_data().map_err(StoreError::from))
-                    {
+                    if let Err(e) = flush_and_sync(&db, &file) {
                         tracing::error!(error = %e, "background flush failed");
                     }
                 }
@@ -363,9 +343,7 @@ impl Committer {
 
     /// Flush sled's buffers, then fsync the data file (see `SledStore::open` for why both).
     fn sync(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        self.data_file.sync_data()?;
-        Ok(())
+        flush_and_sync(&self.db, &self.data_file)
     }
 
     fn plan(&mut self, op: WriteOp, plan: &mut Plan) {
@@ -823,6 +801,13 @@ fn finish(
             }
         }
     }
+}
+
+/// Flushes sled's buffers, then fsyncs the data file (see `SledStore::open` for why both).
+fn flush_and_sync(db: &sled::Db, data_file: &File) -> Result<(), StoreError> {
+    db.flush()?;
+    data_file.sync_data()?;
+    Ok(())
 }
 
 fn check_size(len: usize, what: &str) -> Result<(), StoreError> {
