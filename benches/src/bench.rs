@@ -49,6 +49,11 @@ struct Args {
     #[arg(long)]
     list: bool,
 
+    /// Run incarnate's side only and report the baselines as 0: for profilers, so a profile
+    /// holds nothing but incarnate.
+    #[arg(long, hide = true)]
+    incarnate_only: bool,
+
     /// Internal: the child process of `memory_per_live`, activating N aggregates.
     #[arg(long, value_name = "N", hide = true)]
     memory_child: Option<usize>,
@@ -94,6 +99,8 @@ fn run(args: Args) -> Result<(), BoxError> {
         .collect();
 
     let settings = Settings::new(args.quick);
+    workloads::support::INCARNATE_ONLY
+        .store(args.incarnate_only, std::sync::atomic::Ordering::Relaxed);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

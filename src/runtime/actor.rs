@@ -32,10 +32,17 @@ const RESTART_DOUBLINGS: u8 = 9;
 enum Phase {
     /// Loading snapshot and events; work queues up.
     Recovering,
-    /// Idle or deciding.
+    /// Idle, deciding, or with appends in flight (up to `max_appends_in_flight`).
     Ready,
-    /// An append is in flight; work queues up and is decided when it lands.
-    Writing,
+    /// An append failed or `apply` panicked: nothing new is decided; the appends still in flight
+    /// land (their commands are answered or queued again), then the actor reloads.
+    Draining {
+        /// Whether the reload waits (a failed write) or not (a conflict, a panic).
+        backoff: bool,
+        /// Where the next command queued again goes: behind those queued again before it, ahead
+        /// of newer work.
+        requeue_at: usize,
+    },
     /// Passivating or shut down; new work is bounced to the next incarnation.
     Stopping,
 }
@@ -57,19 +64,42 @@ pub(crate) struct AggregateActor<A: Aggregate> {
     me: WeakAddr<Self>,
     phase: Phase,
     /// The persisted version: `state` equals the fold of events `1..=version` whenever the
-    /// actor is `Ready`.
+    /// actor is `Ready` with no append in flight.
     version: u64,
     body: Box<Body<A>>,
 }
 
 /// The part of an actor whose size depends on the aggregate type.
+///
+/// Batches are pipelined: each is applied to `state` as it is decided, so the next one decides
+/// against it and is sent behind it while it is being stored. `state` is then ahead of
+/// `version` by the batches in flight; reads, stops and snapshots wait until they have landed.
 struct Body<A: Aggregate> {
     state: A,
+    /// The version including every decided batch's events: what the next batch expects.
+    tentative: u64,
     last_snapshot: u64,
+    /// Batches numbered as they are sent, and how many of them have been settled (in order);
+    /// the difference is in flight. Wrapping.
+    sent: u32,
+    settled: u32,
     /// Failed writes in a row (capped): the next reload waits 10 ms doubled this many times.
     failed_writes: u8,
     queue: VecDeque<Work<A>>,
     dedup: Option<Box<Dedup>>,
+    /// Batches that landed before an earlier one was settled, waiting for their turn; a buffer
+    /// only while there are some (a write-free batch decided behind appends in flight, or results woken out of
+    /// order).
+    early: Vec<Landed<A>>,
+}
+
+/// A batch whose outcome is known, waiting to be settled in order.
+struct Landed<A: Aggregate> {
+    number: u32,
+    batch: Batch<A>,
+    result: Result<AppendResult, StoreError>,
+    /// Whether the batch was sent to the store (a write-free batch was not).
+    written: bool,
 }
 
 /// The bounded window of processed command ids.
@@ -161,13 +191,7 @@ impl<A: Aggregate> Batch<A> {
                         deduplicated: false,
                     })
                 }
-                Outcome::Empty { version } => Ok(Committed {
-                    events: Vec::new(),
-                    version,
-                    first_sequence: version + 1,
-                    last_sequence: version,
-                    deduplicated: false,
-                }),
+                Outcome::Empty { version } => Ok(Committed::nothing(version)),
                 Outcome::Rejected(e) => Err(CommandError::Rejected(e)),
                 Outcome::Failed(e) => Err(CommandError::Runtime(e)),
                 Outcome::Duplicate(c) => Ok(c),
@@ -182,6 +206,16 @@ impl<A: Aggregate> Batch<A> {
                 .reply
                 .send(Attempt::Done(Err(CommandError::Runtime(error.clone()))));
         }
+    }
+}
+
+/// What a write-free batch "appended": nothing, at `version`.
+fn nothing_appended(version: u64) -> AppendResult {
+    AppendResult {
+        first_sequence: version + 1,
+        last_sequence: version,
+        first_position: 0,
+        last_position: 0,
     }
 }
 
@@ -203,10 +237,14 @@ impl<A: Aggregate> AggregateActor<A> {
             version: 0,
             body: Box::new(Body {
                 state: A::default(),
+                tentative: 0,
                 last_snapshot: 0,
+                sent: 0,
+                settled: 0,
                 failed_writes: 0,
                 queue: VecDeque::new(),
                 dedup: None,
+                early: Vec::new(),
             }),
         }
     }
@@ -222,6 +260,7 @@ impl<A: Aggregate> AggregateActor<A> {
             Ok(loaded) => {
                 act.body.state = loaded.state;
                 act.version = loaded.version;
+                act.body.tentative = loaded.version;
                 act.body.last_snapshot = loaded.snapshot;
                 act.body.dedup = None;
                 let mut forget = Vec::new();
@@ -252,6 +291,7 @@ impl<A: Aggregate> AggregateActor<A> {
         self.phase = Phase::Recovering;
         self.body.state = A::default();
         self.version = 0;
+        self.body.tentative = 0;
         if backoff {
             let delay = (RESTART_BACKOFF.0 * (1 << self.body.failed_writes)).min(RESTART_BACKOFF.1);
             self.body.failed_writes = (self.body.failed_writes + 1).min(RESTART_DOUBLINGS);
@@ -271,12 +311,14 @@ impl<A: Aggregate> AggregateActor<A> {
         ctx.stop();
     }
 
-    /// Decides work in batches, `first` ahead of anything queued, until a batch needs a write,
-    /// the actor stops or reloads, or nothing is left.
+    /// Decides work in batches, `first` behind anything queued, and sends each batch that needs
+    /// a write to the store without waiting for the ones before it to land, until
+    /// `max_appends_in_flight` are in flight, a read, stop or snapshot must wait for them, the
+    /// actor stops or reloads, or nothing is left.
     ///
     /// A batch that needs no write (reads, rejections without a command id, commands without
-    /// events) is answered at once and the next one starts: otherwise work queued behind it
-    /// would wait for a message that may never come.
+    /// events) is answered as soon as the batches before it have landed, and the next one
+    /// starts: otherwise work queued behind it would wait for a message that may never come.
     fn drive(&mut self, ctx: &mut Context<Self>, mut first: Option<Work<A>>) {
         if self.phase != Phase::Ready || !self.body.queue.is_empty() {
             if let Some(work) = first.take() {
@@ -287,10 +329,30 @@ impl<A: Aggregate> AggregateActor<A> {
             }
         }
         let max = self.shared.settings.max_batch_commands;
+        let max_in_flight = if self.shared.store.preserves_append_order() {
+            self.shared.settings.max_appends_in_flight.max(1)
+        } else {
+            1
+        };
         loop {
+            let in_flight = self.in_flight();
+            let next = first.as_ref().or_else(|| self.body.queue.front());
+            let Some(next) = next else {
+                break;
+            };
+            if in_flight > 0 {
+                // Reads and stops see persisted state only, and a snapshot is taken of it.
+                let barrier = matches!(next.kind, WorkKind::Inspect(_) | WorkKind::Stop);
+                if in_flight >= max_in_flight || barrier || self.snapshot_due() {
+                    if let Some(work) = first.take() {
+                        self.body.queue.push_back(work);
+                    }
+                    return;
+                }
+            }
             let mut batch = Batch {
-                expected_version: self.version,
-                version: self.version,
+                expected_version: self.body.tentative,
+                version: self.body.tentative,
                 events: Vec::new(),
                 records: Vec::new(),
                 forget: Vec::new(),
@@ -322,22 +384,10 @@ impl<A: Aggregate> AggregateActor<A> {
                         let (state, version) = (&self.body.state, self.version);
                         // A panicking reader drops its result channel; its caller reports it.
                         let _ = catch_unwind(AssertUnwindSafe(|| inspect(state, version)));
-                        let _ = reply.send(Attempt::Done(Ok(Committed {
-                            events: Vec::new(),
-                            version,
-                            first_sequence: version + 1,
-                            last_sequence: version,
-                            deduplicated: false,
-                        })));
+                        let _ = reply.send(Attempt::Done(Ok(Committed::nothing(version))));
                     }
                     WorkKind::Stop => {
-                        let _ = reply.send(Attempt::Done(Ok(Committed {
-                            events: Vec::new(),
-                            version: self.version,
-                            first_sequence: self.version + 1,
-                            last_sequence: self.version,
-                            deduplicated: false,
-                        })));
+                        let _ = reply.send(Attempt::Done(Ok(Committed::nothing(self.version))));
                         self.stop(ctx);
                         return;
                     }
@@ -353,29 +403,51 @@ impl<A: Aggregate> AggregateActor<A> {
                     }
                 }
             }
+            self.body.tentative = batch.version;
             if let Some(message) = batch.poisoned.take() {
                 let error = RuntimeError::HandlerPanicked {
                     stream: self.stream(),
                     message: format!("apply panicked: {message}"),
                 };
                 batch.fail_all(&error);
-                self.restart(ctx, false);
+                self.drain(false);
+                self.reload_when_landed(ctx);
                 return;
             }
             if batch.needs_write() {
                 self.write(batch, ctx);
-                return;
-            }
-            if !batch.decided.is_empty() {
-                batch.reply_all(0);
-            }
-            if self.body.queue.is_empty() {
-                break;
+            } else if !batch.decided.is_empty() {
+                if in_flight == 0 {
+                    batch.reply_all(0);
+                } else {
+                    // Decided against batches still in flight: answered once they have landed.
+                    let number = self.body.sent;
+                    self.body.sent = number.wrapping_add(1);
+                    let result = Ok(nothing_appended(batch.version));
+                    self.landed(number, batch, result, false, ctx);
+                    if self.phase != Phase::Ready {
+                        return;
+                    }
+                }
             }
         }
-        // Idle: nothing queued, nothing in flight. The buffer goes too, so a live idle
-        // aggregate holds no queue memory (it would be several hundred bytes per actor).
-        self.body.queue = VecDeque::new();
+        if self.body.queue.is_empty() {
+            // Nothing queued: the buffer goes too, so a live idle aggregate holds no queue
+            // memory (it would be several hundred bytes per actor).
+            self.body.queue = VecDeque::new();
+        }
+    }
+
+    /// Batches sent and not yet settled.
+    fn in_flight(&self) -> usize {
+        self.body.sent.wrapping_sub(self.body.settled) as usize
+    }
+
+    /// Whether the persisted version crossed a multiple of `snapshot_every` since the last
+    /// snapshot.
+    fn snapshot_due(&self) -> bool {
+        let every = self.shared.settings.snapshot_every;
+        every != 0 && self.version / every > self.body.last_snapshot / every
     }
 
     fn decide(
@@ -532,8 +604,10 @@ impl<A: Aggregate> AggregateActor<A> {
         }
     }
 
+    /// Sends `batch` to the store behind the batches already in flight.
     fn write(&mut self, mut batch: Batch<A>, ctx: &mut Context<Self>) {
-        self.phase = Phase::Writing;
+        let number = self.body.sent;
+        self.body.sent = number.wrapping_add(1);
         let request = AppendRequest {
             stream: self.stream(),
             expected_version: batch.expected_version,
@@ -542,45 +616,97 @@ impl<A: Aggregate> AggregateActor<A> {
             forget_commands: std::mem::take(&mut batch.forget),
         };
         let store = self.shared.store.clone();
+        // The store receives appends in the order their futures are first polled, which is the
+        // order they are spawned here; were it ever otherwise, the later one would conflict and
+        // be decided again, never stored out of order.
         let append = async move { store.append(request).await };
         ctx.spawn(
             append
                 .into_actor(self)
-                .map(move |result, act, ctx| act.written(result, batch, ctx)),
+                .map(move |result, act, ctx| act.landed(number, batch, result, true, ctx)),
         );
     }
 
-    fn written(
+    /// Settles batch `number` once every batch before it is settled, then those that landed
+    /// early behind it; then carries on (decides more, or reloads after a failure).
+    fn landed(
         &mut self,
-        result: Result<AppendResult, StoreError>,
+        number: u32,
         batch: Batch<A>,
+        result: Result<AppendResult, StoreError>,
+        written: bool,
         ctx: &mut Context<Self>,
     ) {
+        if number != self.body.settled {
+            self.body.early.push(Landed {
+                number,
+                batch,
+                result,
+                written,
+            });
+            return;
+        }
+        self.settle(batch, result, written);
+        self.body.settled = self.body.settled.wrapping_add(1);
+        while !self.body.early.is_empty() {
+            let settled = self.body.settled;
+            let Some(at) = self.body.early.iter().position(|l| l.number == settled) else {
+                break;
+            };
+            let next = self.body.early.swap_remove(at);
+            self.settle(next.batch, next.result, next.written);
+            self.body.settled = self.body.settled.wrapping_add(1);
+        }
+        if self.body.early.is_empty() {
+            self.body.early = Vec::new();
+        }
+        match self.phase {
+            Phase::Ready => {
+                if self.in_flight() == 0 {
+                    self.maybe_snapshot();
+                }
+                self.drive(ctx, None);
+            }
+            Phase::Draining { .. } => self.reload_when_landed(ctx),
+            Phase::Recovering | Phase::Stopping => {}
+        }
+    }
+
+    /// Answers one batch whose outcome is known, or queues its commands again, or enters
+    /// [`Phase::Draining`].
+    fn settle(&mut self, batch: Batch<A>, result: Result<AppendResult, StoreError>, written: bool) {
+        let draining = matches!(self.phase, Phase::Draining { .. });
         match result {
+            Ok(_) if draining && !written => {
+                // Decided against a batch that failed: decided again after the reload.
+                for d in batch.decided {
+                    match d.command {
+                        Some((command, options)) => {
+                            self.requeue(command, options, d.redecided, d.reply)
+                        }
+                        None => drop(d.reply),
+                    }
+                }
+            }
             Ok(done) => {
                 self.version = done.last_sequence;
-                self.body.failed_writes = 0;
-                self.phase = Phase::Ready;
+                if written {
+                    self.body.failed_writes = 0;
+                }
                 batch.reply_all(done.first_position);
-                self.maybe_snapshot();
-                self.drive(ctx, None);
             }
             Err(StoreError::Conflict {
                 expected, actual, ..
             }) => {
                 tracing::debug!(stream = %self.stream(), expected, actual, "version conflict: reloading");
-                // Decide the batch again, once, against the reloaded state; in order, before
-                // anything queued after it.
-                for d in batch.decided.into_iter().rev() {
+                self.drain(false);
+                // Decided again, once, against the reloaded state; in order, before anything
+                // queued after it.
+                for d in batch.decided {
                     match (d.command, d.redecided) {
-                        (Some((command, options)), false) => self.body.queue.push_front(Work {
-                            kind: WorkKind::Command {
-                                command,
-                                options,
-                                redecided: true,
-                            },
-                            reply: d.reply,
-                        }),
+                        (Some((command, options)), false) => {
+                            self.requeue(command, options, true, d.reply);
+                        }
                         _ => {
                             let _ = d.reply.send(Attempt::Done(Err(CommandError::Runtime(
                                 RuntimeError::Conflict {
@@ -592,24 +718,76 @@ impl<A: Aggregate> AggregateActor<A> {
                         }
                     }
                 }
-                self.restart(ctx, false);
             }
             Err(error) => {
                 tracing::error!(stream = %self.stream(), %error, "append failed: restarting from the store");
+                self.drain(true);
                 batch.fail_all(&RuntimeError::from(error));
-                self.restart(ctx, true);
+            }
+        }
+    }
+
+    /// Stops deciding: what is in flight lands, then the actor reloads.
+    fn drain(&mut self, backoff: bool) {
+        self.phase = match self.phase {
+            Phase::Draining {
+                backoff: earlier,
+                requeue_at,
+            } => Phase::Draining {
+                backoff: earlier || backoff,
+                requeue_at,
+            },
+            _ => Phase::Draining {
+                backoff,
+                requeue_at: 0,
+            },
+        };
+    }
+
+    /// Queues a command again, behind those queued again before it and ahead of newer work.
+    fn requeue(
+        &mut self,
+        command: A::Command,
+        options: CommandOptions,
+        redecided: bool,
+        reply: ReplyTx<A>,
+    ) {
+        let work = Work {
+            kind: WorkKind::Command {
+                command,
+                options,
+                redecided,
+            },
+            reply,
+        };
+        match &mut self.phase {
+            Phase::Draining { requeue_at, .. } => {
+                let at = (*requeue_at).min(self.body.queue.len());
+                self.body.queue.insert(at, work);
+                *requeue_at = at + 1;
+            }
+            _ => self.body.queue.push_front(work),
+        }
+    }
+
+    /// Reloads once nothing is in flight any more.
+    fn reload_when_landed(&mut self, ctx: &mut Context<Self>) {
+        if let Phase::Draining { backoff, .. } = self.phase {
+            if self.in_flight() == 0 {
+                self.restart(ctx, backoff);
             }
         }
     }
 
     /// Takes a snapshot when the version crossed a multiple of `snapshot_every`, and applies
-    /// the retention policy. Runs beside the actor: commands do not wait for it.
+    /// the retention policy. Called with nothing in flight (the state is the persisted one).
+    /// Runs beside the actor: commands do not wait for it.
     fn maybe_snapshot(&mut self) {
-        let settings = &self.shared.settings;
-        let every = settings.snapshot_every;
-        if every == 0 || self.version / every <= self.body.last_snapshot / every {
+        if !self.snapshot_due() {
             return;
         }
+        let settings = &self.shared.settings;
+        let every = settings.snapshot_every;
         let payload = match rmp_serde::to_vec(&self.body.state) {
             Ok(p) => p,
             Err(e) => {
@@ -714,7 +892,8 @@ impl<A: Aggregate> Handler<Passivate> for AggregateActor<A> {
         // The sweep's view may be stale: work may have come since, so the registry's last use
         // is checked again here.
         let idle = msg.force || self.shared.idle(&self.id);
-        if idle && self.phase == Phase::Ready && self.body.queue.is_empty() {
+        if idle && self.phase == Phase::Ready && self.body.queue.is_empty() && self.in_flight() == 0
+        {
             self.shared.stats.passivated();
             self.stop(ctx);
         }

@@ -88,3 +88,16 @@ pub struct Committed<E> {
     /// idempotency record without applying anything.
     pub deduplicated: bool,
 }
+
+impl<E> Committed<E> {
+    /// The outcome of work that emitted nothing, at `version`.
+    pub(crate) fn nothing(version: u64) -> Self {
+        Self {
+            events: Vec::new(),
+            version,
+            first_sequence: version + 1,
+            last_sequence: version,
+            deduplicated: false,
+        }
+    }
+}

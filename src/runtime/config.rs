@@ -160,6 +160,9 @@ pub struct AggregateSettings {
     pub mailbox_capacity: usize,
     /// Queued commands decided together and persisted in one atomic append.
     pub max_batch_commands: usize,
+    /// Appends of one aggregate in flight at once: while one is being stored, the next commands
+    /// are decided against its outcome and sent behind it (1 = one at a time).
+    pub max_appends_in_flight: usize,
     /// An actor idle this long is passivated, in milliseconds; 0 keeps actors forever.
     pub idle_timeout_ms: u64,
     /// Live actors of this type before the least recently used are passivated; 0 = no limit.
@@ -179,6 +182,7 @@ impl Default for AggregateSettings {
         Self {
             mailbox_capacity: 1024,
             max_batch_commands: 256,
+            max_appends_in_flight: 4,
             idle_timeout_ms: 120_000,
             max_live: 0,
             snapshot_every: 100,
@@ -197,6 +201,8 @@ pub struct AggregateOverrides {
     pub mailbox_capacity: Option<usize>,
     /// See [`AggregateSettings::max_batch_commands`].
     pub max_batch_commands: Option<usize>,
+    /// See [`AggregateSettings::max_appends_in_flight`].
+    pub max_appends_in_flight: Option<usize>,
     /// See [`AggregateSettings::idle_timeout_ms`].
     pub idle_timeout_ms: Option<u64>,
     /// See [`AggregateSettings::max_live`].
@@ -216,6 +222,9 @@ impl AggregateOverrides {
         AggregateSettings {
             mailbox_capacity: self.mailbox_capacity.unwrap_or(base.mailbox_capacity),
             max_batch_commands: self.max_batch_commands.unwrap_or(base.max_batch_commands),
+            max_appends_in_flight: self
+                .max_appends_in_flight
+                .unwrap_or(base.max_appends_in_flight),
             idle_timeout_ms: self.idle_timeout_ms.unwrap_or(base.idle_timeout_ms),
             max_live: self.max_live.unwrap_or(base.max_live),
             snapshot_every: self.snapshot_every.unwrap_or(base.snapshot_every),
@@ -283,6 +292,9 @@ impl Config {
             }
             if a.max_batch_commands == 0 {
                 return invalid("aggregates.max_batch_commands", "must be at least 1");
+            }
+            if a.max_appends_in_flight == 0 || a.max_appends_in_flight > 64 {
+                return invalid("aggregates.max_appends_in_flight", "must be in 1..=64");
             }
             if a.snapshot_keep == 0 {
                 return invalid("aggregates.snapshot_keep", "must be at least 1");

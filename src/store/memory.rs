@@ -133,6 +133,11 @@ impl EventStore for MemoryStore {
         })
     }
 
+    fn preserves_append_order(&self) -> bool {
+        // Each append is applied under the lock on its first poll, without awaiting anything.
+        true
+    }
+
     async fn read_stream(
         &self,
         stream: &StreamId,

@@ -154,6 +154,16 @@ pub trait EventStore: Send + Sync + 'static {
     /// stored under the configured durability.
     async fn append(&self, request: AppendRequest) -> Result<AppendResult, StoreError>;
 
+    /// Whether appends are applied in the order their futures are first polled, as when each
+    /// one is handed to a single ordered writer on its first poll (both shipped stores do).
+    ///
+    /// The runtime keeps several appends of one aggregate in flight only on such a store: each
+    /// expects the version the one before it leaves, so on a store that could reorder them the
+    /// later one would conflict. Elsewhere it sends them one at a time. Defaults to `false`.
+    fn preserves_append_order(&self) -> bool {
+        false
+    }
+
     /// The events of `stream` with `from <= sequence <= to`, at most `max`, in order, and the
     /// stream's highest sequence number.
     async fn read_stream(

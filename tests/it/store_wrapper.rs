@@ -28,6 +28,12 @@ pub(crate) trait Wrap: Send + Sync + 'static {
         inner.append(request).await
     }
 
+    /// Whether the wrapped store applies appends in the order they are first polled: not unless
+    /// the wrapper says so, since most hold calls at a gate (which releases them in any order).
+    fn preserves_append_order(&self, _inner: &dyn EventStore) -> bool {
+        false
+    }
+
     async fn read_stream(
         &self,
         inner: &dyn EventStore,
@@ -135,6 +141,10 @@ impl<W: Wrap> Wrapped<W> {
 impl<W: Wrap> EventStore for Wrapped<W> {
     async fn append(&self, request: AppendRequest) -> Result<AppendResult, StoreError> {
         self.wrap.append(&*self.inner, request).await
+    }
+
+    fn preserves_append_order(&self) -> bool {
+        self.wrap.preserves_append_order(&*self.inner)
     }
 
     async fn read_stream(

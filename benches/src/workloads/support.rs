@@ -1,6 +1,7 @@
 //! Pieces shared by the workloads: the payload, the appenders, raw sled.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -50,13 +51,19 @@ pub(crate) fn rate(events: usize, elapsed: Duration) -> f64 {
     events as f64 / elapsed.as_secs_f64()
 }
 
+/// Set by the hidden `--incarnate-only` flag: [`alternate`] skips the baselines.
+pub(crate) static INCARNATE_ONLY: AtomicBool = AtomicBool::new(false);
+
 /// Runs `a` then `b` in even rounds and `b` then `a` in odd ones, so drift during a round (a
 /// noisy neighbour, the page cache filling) does not always favour the same side.
-pub(crate) fn alternate<A, B>(
+pub(crate) fn alternate<A, B: Default>(
     round: usize,
     a: impl FnOnce() -> Result<A, BoxError>,
     b: impl FnOnce() -> Result<B, BoxError>,
 ) -> Result<(A, B), BoxError> {
+    if INCARNATE_ONLY.load(Ordering::Relaxed) {
+        return Ok((a()?, B::default()));
+    }
     if round % 2 == 0 {
         let x = a()?;
         Ok((x, b()?))

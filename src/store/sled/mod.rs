@@ -256,6 +256,11 @@ impl EventStore for SledStore {
         self.write(|reply| WriteOp::Append { request, reply }).await
     }
 
+    fn preserves_append_order(&self) -> bool {
+        // Each append is sent to the one committer on its first poll.
+        true
+    }
+
     async fn read_stream(
         &self,
         stream: &StreamId,
