@@ -25,6 +25,7 @@ mod runtime_activation;
 mod runtime_commands;
 mod runtime_crash;
 mod runtime_lifecycle;
+mod runtime_pipelining;
 mod runtime_snapshots;
 
 mod saga_support;

@@ -12,6 +12,7 @@ use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -425,6 +426,12 @@ pub(crate) struct Faults {
     reads_in_flight: AtomicUsize,
     max_reads_in_flight: AtomicUsize,
     recoveries: AtomicU64,
+    /// Whether appends are handed to the inner store before the gate (see
+    /// [`Faults::preserve_order`]).
+    ordered: AtomicBool,
+    /// Appends inside this wrapper now, and the most there ever were at once.
+    appends_in_flight: AtomicUsize,
+    max_appends_in_flight: AtomicUsize,
     /// Appends wait here (after the failure decision).
     pub(crate) appends: Gate,
     /// Recoveries wait here at their first read.
@@ -471,6 +478,45 @@ impl Faults {
     pub(crate) fn recoveries(&self) -> u64 {
         self.recoveries.load(Ordering::SeqCst)
     }
+
+    /// Turns the order-preserving mode on or off. On, the store says it preserves append order
+    /// (so the runtime pipelines appends), and each append is handed to the inner store on its
+    /// first poll, before the `appends` gate: held appends are already ordered (and applied or
+    /// refused) at the store, and only their replies wait at the gate. An append armed to fail
+    /// fails without reaching the inner store, as a failed write stores nothing, so the appends
+    /// sent behind it conflict there. Interference is not supported in this mode.
+    pub(crate) fn preserve_order(&self, on: bool) {
+        self.ordered.store(on, Ordering::SeqCst);
+    }
+
+    /// The most appends that were inside the wrapper at once (from the call until its reply).
+    pub(crate) fn max_appends_in_flight(&self) -> usize {
+        self.max_appends_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The appends inside the wrapper now.
+    pub(crate) fn appends_in_flight(&self) -> usize {
+        self.appends_in_flight.load(Ordering::SeqCst)
+    }
+}
+
+/// Counts one append in [`Faults::appends_in_flight`] while alive.
+struct InFlight<'a>(&'a Faults);
+
+impl<'a> InFlight<'a> {
+    fn enter(faults: &'a Faults) -> Self {
+        let now = faults.appends_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        faults
+            .max_appends_in_flight
+            .fetch_max(now, Ordering::SeqCst);
+        Self(faults)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.appends_in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 fn take_one(counter: &AtomicUsize) -> bool {
@@ -501,6 +547,31 @@ impl Faults {
         self.reads_in_flight.fetch_sub(1, Ordering::SeqCst);
         out
     }
+
+    /// An append in the order-preserving mode: handed to `inner` on the first poll, then the
+    /// gate, then its reply.
+    async fn append_ordered(
+        &self,
+        inner: &dyn EventStore,
+        request: AppendRequest,
+    ) -> Result<AppendResult, StoreError> {
+        assert!(
+            self.interference.lock().expect("lock").is_empty(),
+            "interference is not supported in the order-preserving mode"
+        );
+        if take_one(&self.fail_appends) {
+            self.appends.pass().await;
+            return Err(injected("append"));
+        }
+        let mut append = inner.append(request);
+        // One poll now, without waiting: the store has the request before the gate holds it.
+        let first = std::future::poll_fn(|cx| Poll::Ready(append.as_mut().poll(cx))).await;
+        self.appends.pass().await;
+        match first {
+            Poll::Ready(result) => result,
+            Poll::Pending => append.await,
+        }
+    }
 }
 
 fn injected(what: &str) -> StoreError {
@@ -514,6 +585,10 @@ impl Wrap for Faults {
         inner: &dyn EventStore,
         request: AppendRequest,
     ) -> Result<AppendResult, StoreError> {
+        let _in_flight = InFlight::enter(self);
+        if self.ordered.load(Ordering::SeqCst) {
+            return self.append_ordered(inner, request).await;
+        }
         let fail = take_one(&self.fail_appends);
         self.appends.pass().await;
         if fail {
@@ -531,6 +606,10 @@ impl Wrap for Faults {
                 .expect("the interfering append");
         }
         inner.append(request).await
+    }
+
+    fn preserves_append_order(&self, inner: &dyn EventStore) -> bool {
+        self.ordered.load(Ordering::SeqCst) && inner.preserves_append_order()
     }
 
     async fn read_stream(
