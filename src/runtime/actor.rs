@@ -78,6 +78,9 @@ struct Body<A: Aggregate> {
     state: A,
     /// The version including every decided batch's events: what the next batch expects.
     tentative: u64,
+    /// The id of the last event decided so far (valid while batches are in flight): a batch sent
+    /// behind others names it, so it is stored only on top of theirs.
+    tip: Option<Uuid>,
     last_snapshot: u64,
     /// Batches numbered as they are sent, and how many of them have been settled (in order);
     /// the difference is in flight. Wrapping.
@@ -150,6 +153,9 @@ enum Outcome<A: Aggregate> {
 /// Commands decided together and persisted in one atomic append.
 struct Batch<A: Aggregate> {
     expected_version: u64,
+    /// Set when the batch is sent behind others with events (see
+    /// [`AppendRequest::expected_last_event`]).
+    expected_last_event: Option<Uuid>,
     /// The version including this batch's events so far.
     version: u64,
     events: Vec<NewEvent>,
@@ -238,6 +244,7 @@ impl<A: Aggregate> AggregateActor<A> {
             body: Box::new(Body {
                 state: A::default(),
                 tentative: 0,
+                tip: None,
                 last_snapshot: 0,
                 sent: 0,
                 settled: 0,
@@ -292,6 +299,7 @@ impl<A: Aggregate> AggregateActor<A> {
         self.body.state = A::default();
         self.version = 0;
         self.body.tentative = 0;
+        self.body.tip = None;
         if backoff {
             let delay = (RESTART_BACKOFF.0 * (1 << self.body.failed_writes)).min(RESTART_BACKOFF.1);
             self.body.failed_writes = (self.body.failed_writes + 1).min(RESTART_DOUBLINGS);
@@ -352,6 +360,7 @@ impl<A: Aggregate> AggregateActor<A> {
             }
             let mut batch = Batch {
                 expected_version: self.body.tentative,
+                expected_last_event: if in_flight > 0 { self.body.tip } else { None },
                 version: self.body.tentative,
                 events: Vec::new(),
                 records: Vec::new(),
@@ -404,6 +413,9 @@ impl<A: Aggregate> AggregateActor<A> {
                 }
             }
             self.body.tentative = batch.version;
+            if let Some(last) = batch.events.last() {
+                self.body.tip = Some(last.event_id);
+            }
             if let Some(message) = batch.poisoned.take() {
                 let error = RuntimeError::HandlerPanicked {
                     stream: self.stream(),
@@ -614,6 +626,7 @@ impl<A: Aggregate> AggregateActor<A> {
             events: std::mem::take(&mut batch.events),
             record_commands: std::mem::take(&mut batch.records),
             forget_commands: std::mem::take(&mut batch.forget),
+            expected_last_event: batch.expected_last_event,
         };
         let store = self.shared.store.clone();
         // The store receives appends in the order their futures are first polled, which is the

@@ -4,8 +4,10 @@ use crate::domain::StreamId;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// The stream was not at the expected version: another writer appended first. Nothing was
-    /// stored. Reload the stream (its version is `actual`) and decide again.
+    /// The stream was not at the expected version (or its last event was not the expected one,
+    /// see [`AppendRequest::expected_last_event`](crate::AppendRequest::expected_last_event)):
+    /// another writer appended first. Nothing was stored. Reload the stream (its version is
+    /// `actual`) and decide again.
     #[error("version conflict on {stream}: expected {expected}, actual {actual}")]
     Conflict {
         /// The stream written to.

@@ -108,6 +108,9 @@ pub(crate) struct StreamMeta {
     pub(crate) highest: u64,
     pub(crate) deleted_to: u64,
     pub(crate) last_position: u64,
+    /// The id of the event at `last_position`, when the committer knows it without a read (it
+    /// wrote or replayed it). Kept in memory only: not part of the stored record.
+    pub(crate) last_event: Option<uuid::Uuid>,
 }
 
 impl StreamMeta {
@@ -130,6 +133,7 @@ impl StreamMeta {
                 highest,
                 deleted_to,
                 last_position,
+                last_event: None,
             }),
             _ => Err(StoreError::Decode {
                 what: "stream metadata",
@@ -209,6 +213,7 @@ mod tests {
             highest: 9,
             deleted_to: 3,
             last_position: 1_000,
+            last_event: None,
         };
         let stream = StreamId::new("t", "1");
         assert_eq!(StreamMeta::decode(&meta.encode(), &stream).ok(), Some(meta));

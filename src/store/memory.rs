@@ -39,6 +39,8 @@ struct State {
 struct StreamState {
     highest: u64,
     deleted_to: u64,
+    /// The id of the last event appended (kept after deletions, as the sled store does).
+    last_event: Option<Uuid>,
     /// sequence → global position
     index: BTreeMap<u64, u64>,
     snapshots: BTreeMap<u64, SnapshotRecord>,
@@ -82,8 +84,14 @@ impl EventStore for MemoryStore {
         check_stream(&request.stream)?;
         let mut state = self.state()?;
         let head = state.head;
-        let current = state.streams.get(&request.stream).map_or(0, |s| s.highest);
-        if current != request.expected_version {
+        let (current, last_event) = state
+            .streams
+            .get(&request.stream)
+            .map_or((0, None), |s| (s.highest, s.last_event));
+        let chained = request
+            .expected_last_event
+            .map_or(true, |id| last_event == Some(id));
+        if current != request.expected_version || !chained {
             return Err(StoreError::Conflict {
                 stream: request.stream,
                 expected: request.expected_version,
@@ -109,6 +117,7 @@ impl EventStore for MemoryStore {
         let state = &mut *state;
         let stream = state.streams.entry(request.stream).or_default();
         for envelope in envelopes {
+            stream.last_event = Some(envelope.event_id);
             stream.index.insert(envelope.sequence, envelope.position);
             state.log.insert(envelope.position, envelope);
         }

@@ -39,6 +39,15 @@ pub struct AppendRequest {
     /// Idempotency records to drop in the same write, by `(version, command id)`; this is how a
     /// writer keeps its dedup window bounded.
     pub forget_commands: Vec<(u64, Uuid)>,
+    /// When set, the append is stored only if the stream's last event (the one at
+    /// `expected_version`) has this id; otherwise it is a [`StoreError::Conflict`].
+    ///
+    /// A writer that sends an append behind another of its own still in flight names the last
+    /// event of that one here. If that append is not stored and another writer fills the same
+    /// sequence numbers meanwhile, the version alone would match, and events decided against a
+    /// state that never existed would be stored on top of the other writer's. (If that event
+    /// has been deleted since, a store may no longer know its id and report a conflict.)
+    pub expected_last_event: Option<Uuid>,
 }
 
 impl AppendRequest {
@@ -50,6 +59,7 @@ impl AppendRequest {
             events,
             record_commands: Vec::new(),
             forget_commands: Vec::new(),
+            expected_last_event: None,
         }
     }
 }

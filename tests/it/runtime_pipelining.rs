@@ -488,14 +488,10 @@ async fn a_retry_behind_its_own_append_in_flight_follows_that_append() {
 /// L4, another writer: the stream moved behind the actor's back by exactly as many events as
 /// the first append in flight carries. That append conflicts; the one behind it, decided
 /// against the first one's event, expects the version the foreign event now holds, so the
-/// store accepts it, although the state it was decided against was never stored.
-///
-/// Expected: the command behind is decided again against the reloaded state (where it no
-/// longer fits) or reported as a conflict; never stored on top of events it was not decided
-/// against.
+/// version alone would let it through although the state it was decided against was never
+/// stored. It names the first one's last event (`expected_last_event`), so it conflicts too:
+/// the command behind is decided again against the reloaded state, where it no longer fits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug in src/runtime/actor.rs: an append pipelined behind one that conflicts \
-            is stored when a foreign writer's events fill exactly the versions of the first"]
 async fn an_append_behind_a_conflicting_one_is_not_stored_on_foreign_events() {
     let node = Node::new();
     let (rt, faults) = ordered_runtime(&node, |_| {});

@@ -38,6 +38,7 @@ macro_rules! conformance_suite {
                 j4_failed_append_in_a_group_commit_leaves_the_others_whole,
                 j5_conflict_stores_nothing_and_carries_the_actual_version,
                 j5_concurrent_appends_at_one_version_have_one_winner,
+                j5_an_append_naming_the_last_event_is_stored_only_on_top_of_it,
                 j6_everything_round_trips_and_streams_never_mix,
                 j8_global_log_is_gap_free_ordered_and_inclusive,
                 j9_ten_thousand_events_replay_in_order,
@@ -60,6 +61,7 @@ macro_rules! conformance_suite {
             j7_everything_survives_reopen,
             j9_windows_of_a_long_stream_survive_reopen,
             j7_reopen_right_after_close_is_not_refused,
+            j5_the_last_event_is_known_after_reopen,
         );
     };
     (@tests $harness:path; $($test:ident),+ $(,)?) => {
@@ -306,6 +308,81 @@ pub(crate) async fn j5_conflict_stores_nothing_and_carries_the_actual_version(h:
         [1, 2, 3, 4, 5]
     );
     assert_eq!(store.highest_sequence(&account("new")).await.unwrap(), 0);
+}
+
+/// An append to `stream` at `expected` (two events) that names `last` as the stream's last
+/// event.
+async fn append_on_top_of(
+    store: &dyn EventStore,
+    stream: &StreamId,
+    expected: u64,
+    last: uuid::Uuid,
+) -> Result<incarnate::AppendResult, StoreError> {
+    let mut request = AppendRequest::new(
+        stream.clone(),
+        expected,
+        events_for(stream, expected + 1, 2),
+    );
+    request.expected_last_event = Some(last);
+    store.append(request).await
+}
+
+/// The id of the last readable event of `stream`.
+async fn last_event_id(store: &dyn EventStore, stream: &StreamId) -> uuid::Uuid {
+    read_all(store, stream)
+        .await
+        .events
+        .last()
+        .map(|e| e.event_id)
+        .expect("the stream has events")
+}
+
+pub(crate) async fn j5_an_append_naming_the_last_event_is_stored_only_on_top_of_it(
+    h: &mut Harness,
+) {
+    let store = h.store();
+    fixture(store).await;
+    let fifth = last_event_id(store, &p()).await;
+    let stored = append_on_top_of(store, &p(), 5, fifth).await.unwrap();
+    assert_eq!((stored.first_sequence, stored.last_sequence), (6, 7));
+    let seventh = last_event_id(store, &p()).await;
+    assert_ne!(fifth, seventh);
+    // The right version with the wrong last event: what a writer sees when another writer
+    // filled the versions its own earlier append was meant to take.
+    let before = head_and_log(store).await;
+    for wrong in [fifth, uuid::Uuid::now_v7()] {
+        match append_on_top_of(store, &p(), 7, wrong).await {
+            Err(StoreError::Conflict {
+                expected, actual, ..
+            }) => assert_eq!((expected, actual), (7, 7)),
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        head_and_log(store).await,
+        before,
+        "a conflict stores nothing"
+    );
+    let stored = append_on_top_of(store, &p(), 7, seventh).await.unwrap();
+    assert_eq!(stored.last_sequence, 9);
+    // A new stream has no last event to name.
+    assert!(matches!(
+        append_on_top_of(store, &account("fresh"), 0, fifth).await,
+        Err(StoreError::Conflict { .. })
+    ));
+}
+
+pub(crate) async fn j5_the_last_event_is_known_after_reopen(h: &mut Harness) {
+    fixture(h.store()).await;
+    let fifth = last_event_id(h.store(), &p()).await;
+    h.reopen().await;
+    // The store no longer remembers the id it wrote: it reads it from the log.
+    assert!(matches!(
+        append_on_top_of(h.store(), &p(), 5, uuid::Uuid::now_v7()).await,
+        Err(StoreError::Conflict { .. })
+    ));
+    let stored = append_on_top_of(h.store(), &p(), 5, fifth).await.unwrap();
+    assert_eq!(stored.last_sequence, 7);
 }
 
 pub(crate) async fn j5_concurrent_appends_at_one_version_have_one_winner(h: &mut Harness) {

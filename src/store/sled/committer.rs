@@ -180,7 +180,10 @@ impl Committer {
             let (key, value) = item?;
             let position = keys::trailing_u64(&key).unwrap_or(0);
             let EventEnvelope {
-                stream, sequence, ..
+                stream,
+                sequence,
+                event_id,
+                ..
             } = decode_log_record(&value, position)?;
             let meta_key = keys::stream_key(keys::META, &stream)?;
             let mut meta = match self.metas.get(&meta_key) {
@@ -190,6 +193,7 @@ impl Committer {
             if sequence > meta.highest {
                 meta.highest = sequence;
                 meta.last_position = position;
+                meta.last_event = Some(event_id);
             }
             if !self.dirty.contains_key(&meta_key) {
                 self.dirty_order.push_back((position, meta_key.clone()));
@@ -410,6 +414,20 @@ impl Committer {
         }
     }
 
+    /// The id of the stream's last event: known in memory when this committer wrote or replayed
+    /// it, read from the log otherwise (`None` when the stream has no event left).
+    fn last_event(&self, meta: &StreamMeta) -> Result<Option<uuid::Uuid>, StoreError> {
+        if meta.last_event.is_some() || meta.last_position == 0 {
+            return Ok(meta.last_event);
+        }
+        match self.tree.get(keys::log_key(meta.last_position))? {
+            Some(bytes) => Ok(Some(
+                decode_log_record(&bytes, meta.last_position)?.event_id,
+            )),
+            None => Ok(None),
+        }
+    }
+
     fn plan_append(
         &self,
         request: AppendRequest,
@@ -421,16 +439,22 @@ impl Committer {
             events,
             record_commands,
             forget_commands,
+            expected_last_event,
         } = request;
         let meta_key = keys::stream_key(keys::META, &stream)?;
         let mut meta = self.meta(plan, &meta_key, &stream)?;
-        if meta.highest != expected_version {
+        let chained = match expected_last_event {
+            None => true,
+            Some(id) => self.last_event(&meta)? == Some(id),
+        };
+        if meta.highest != expected_version || !chained {
             return Err(StoreError::Conflict {
                 stream,
                 expected: expected_version,
                 actual: meta.highest,
             });
         }
+        let mut last_event = meta.last_event;
         // Encode everything before touching the batch, so a failure leaves no partial append.
         // Only an append that reaches a multiple of the stride writes an index entry.
         let last = meta.highest + events.len() as u64;
@@ -449,6 +473,7 @@ impl Committer {
         for event in events {
             sequence += 1;
             position += 1;
+            last_event = Some(event.event_id);
             let envelope =
                 EventEnvelope::from_new(event, stream.clone(), sequence, position, timestamp);
             let mut record = LogRecord { sequence, previous }.start(envelope.encoded_len_hint());
@@ -491,6 +516,7 @@ impl Committer {
             plan.events += (sequence - meta.highest) as usize;
             meta.highest = sequence;
             meta.last_position = position;
+            meta.last_event = last_event;
             if !plan.metas.contains_key(&meta_key) && !self.dirty.contains_key(&meta_key) {
                 plan.newly_dirty.push((first_position, meta_key.clone()));
             }
