@@ -141,3 +141,51 @@ async fn follower_sees_every_position_once_in_order(h: Harness) {
     }
     h.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sled_reads_racing_deletions_see_a_dense_suffix() {
+    reads_racing_deletions_see_a_dense_suffix(support::sled_harness()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memory_reads_racing_deletions_see_a_dense_suffix() {
+    reads_racing_deletions_see_a_dense_suffix(support::memory_harness()).await;
+}
+
+/// A stream read while `delete_to` removes its prefix never reports a broken chain: it sees the
+/// events above some deletion watermark, dense and up to the end. (The sled store removes the
+/// events a moment before it publishes the new watermark.)
+async fn reads_racing_deletions_see_a_dense_suffix(h: Harness) {
+    const EVENTS: u64 = 400;
+    let store = h.shared();
+    let stream = account("shrinking");
+    for first in (1..=EVENTS).step_by(50) {
+        let events = events_for(&stream, first, 50);
+        store
+            .append(AppendRequest::new(stream.clone(), first - 1, events))
+            .await
+            .expect("append");
+    }
+    let deleter = {
+        let (store, stream) = (store.clone(), stream.clone());
+        tokio::spawn(async move {
+            for to in (3..EVENTS).step_by(3) {
+                store.delete_to(&stream, to).await.expect("delete_to");
+            }
+        })
+    };
+    let mut reads = 0u32;
+    while !deleter.is_finished() || reads == 0 {
+        let slice = store
+            .read_stream(&stream, 1, u64::MAX, usize::MAX)
+            .await
+            .unwrap_or_else(|e| panic!("read {reads} while deleting: {e}"));
+        let seen = sequences(&slice.events);
+        let first = seen.first().copied().unwrap_or(EVENTS + 1);
+        assert_eq!(seen, (first..=EVENTS).collect::<Vec<_>>(), "read {reads}");
+        assert_eq!(slice.highest_sequence, EVENTS);
+        reads += 1;
+    }
+    deleter.await.expect("the deleter");
+    h.close().await;
+}
