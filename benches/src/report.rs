@@ -128,7 +128,7 @@ pub(crate) fn table(metrics: &[Metric], rounds: usize) -> String {
     }
     let _ = writeln!(
         out,
-        "medians of {rounds} rounds; ratio = incarnate / baseline (higher is better unless marked)"
+        "medians of {rounds} rounds; ratio = median of the per-round incarnate / baseline (higher is better unless marked)"
     );
     out
 }

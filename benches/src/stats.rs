@@ -23,7 +23,7 @@ pub(crate) fn spread(values: &[f64]) -> f64 {
 }
 
 /// One metric per sample name, in first-seen order: medians of the value and of the baseline
-/// across `rounds`, and their ratio.
+/// across `rounds`, and the median of the per-round ratios.
 pub(crate) fn summarise(rounds: &[Vec<Sample>]) -> Vec<Metric> {
     let mut names: Vec<&Sample> = Vec::new();
     for sample in rounds.iter().flatten() {
@@ -39,13 +39,18 @@ pub(crate) fn summarise(rounds: &[Vec<Sample>]) -> Vec<Metric> {
             let baselines: Vec<f64> = of_name().filter_map(|s| s.baseline).collect();
             let value = median(&values);
             let baseline = (!baselines.is_empty()).then(|| median(&baselines));
+            // Each round measures both sides back to back, so the ratio is taken per round and
+            // its median reported: drift between rounds (a noisy neighbour) cancels out.
+            let ratios: Vec<f64> = of_name()
+                .filter_map(|s| s.baseline.map(|b| s.value / b))
+                .collect();
             Metric {
                 name: first.name,
                 unit: first.unit,
                 better: first.better,
                 value,
                 baseline,
-                ratio: baseline.map(|b| value / b),
+                ratio: (!ratios.is_empty()).then(|| median(&ratios)),
                 spread: spread(&values),
                 baseline_spread: (!baselines.is_empty()).then(|| spread(&baselines)),
             }
@@ -63,5 +68,22 @@ mod tests {
         assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
         assert!(median(&[]).is_nan());
         assert_eq!(spread(&[90.0, 100.0, 110.0]), 0.2);
+    }
+
+    #[test]
+    fn the_ratio_is_the_median_of_per_round_ratios() {
+        let round = |value, baseline| {
+            vec![Sample {
+                name: "m",
+                unit: "x/s",
+                better: crate::workloads::Better::Higher,
+                value,
+                baseline: Some(baseline),
+            }]
+        };
+        // Ratios 0.5, 0.5, 2.0; medians of the sides 20 / 20 would say 1.0.
+        let m = summarise(&[round(10.0, 20.0), round(20.0, 40.0), round(40.0, 20.0)]);
+        assert_eq!(m[0].ratio, Some(0.5));
+        assert_eq!((m[0].value, m[0].baseline), (20.0, Some(20.0)));
     }
 }
