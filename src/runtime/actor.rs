@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::command::{CommandOptions, Committed, CommittedEvent};
 use super::error::{CommandError, RuntimeError};
 use super::registry::TypeShared;
-use super::work::{Attempt, Deliver, Passivate, ReplyTx, Work, WorkKind};
+use super::work::{Attempt, Deliver, Drive, Passivate, ReplyTx, Work, WorkKind};
 use crate::domain::{Aggregate, AggregateId, DomainEvent, StreamId};
 use crate::store::{
     now_micros, AppendRequest, AppendResult, Causation, CommandRecord, NewEvent, RecordedOutcome,
@@ -88,6 +88,8 @@ struct Body<A: Aggregate> {
     settled: u32,
     /// Failed writes in a row (capped): the next reload waits 10 ms doubled this many times.
     failed_writes: u8,
+    /// A [`Drive`] is on its way.
+    drive_noted: bool,
     queue: VecDeque<Work<A>>,
     dedup: Option<Box<Dedup>>,
     /// Batches that landed before an earlier one was settled, waiting for their turn; a buffer
@@ -249,6 +251,7 @@ impl<A: Aggregate> AggregateActor<A> {
                 sent: 0,
                 settled: 0,
                 failed_writes: 0,
+                drive_noted: false,
                 queue: VecDeque::new(),
                 dedup: None,
                 early: Vec::new(),
@@ -894,7 +897,27 @@ impl<A: Aggregate> Handler<Deliver<A>> for AggregateActor<A> {
             ))));
             return;
         }
+        if self.in_flight() > 0 && self.phase == Phase::Ready {
+            // Behind an append in flight, wait for the rest of the mailbox: the commands that
+            // arrived together go out in one append, not one append each (which would also
+            // spend the appends allowed in flight).
+            self.body.queue.push_back(work);
+            if !self.body.drive_noted {
+                self.body.drive_noted = true;
+                ctx.notify(Drive);
+            }
+            return;
+        }
         self.drive(ctx, Some(work));
+    }
+}
+
+impl<A: Aggregate> Handler<Drive> for AggregateActor<A> {
+    type Result = ();
+
+    fn handle(&mut self, _: Drive, ctx: &mut Context<Self>) {
+        self.body.drive_noted = false;
+        self.drive(ctx, None);
     }
 }
 

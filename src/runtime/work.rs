@@ -68,6 +68,14 @@ impl<A: Aggregate> Drop for Deliver<A> {
     }
 }
 
+/// An actor's note to itself to decide what it queued, after the messages already in its
+/// mailbox (so work arriving together is decided together).
+pub(crate) struct Drive;
+
+impl Message for Drive {
+    type Result = ();
+}
+
 /// Asks an actor to stop if it is idle; `force` ignores the idle timeout (live-actor limit).
 pub(crate) struct Passivate {
     pub(crate) force: bool,

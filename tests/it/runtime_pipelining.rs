@@ -65,8 +65,10 @@ async fn several_appends_of_one_aggregate_are_in_flight_at_once() {
     faults.appends.hold();
     let entered = faults.appends.entered();
     let mut sends = Vec::new();
-    for v in 2..=4 {
+    for (k, v) in (2..=4).enumerate() {
         sends.push(started(rt.send::<Tally>("hot", TallyCommand::Add(v))).await);
+        // Sent alone, not together with the next (work that arrives together is one append).
+        faults.appends.wait_entered(entered + k as u64 + 1).await;
     }
     // Three appends reached the store, one behind the other, and none has been answered.
     faults.appends.wait_entered(entered + 3).await;
@@ -109,8 +111,10 @@ async fn commands_behind_appends_in_flight_are_decided_against_their_events() {
     faults.appends.hold();
     let entered = faults.appends.entered();
     let add = started(rt.send::<Tally>("t", TallyCommand::Add(5))).await;
+    faults.appends.wait_entered(entered + 1).await;
     // 1 + 5 + 5 = 11: fits only on top of the `Add(5)` in flight.
     let fits = started(rt.send::<Tally>("t", TallyCommand::AddAtMost { add: 5, limit: 11 })).await;
+    faults.appends.wait_entered(entered + 2).await;
     // 11 + 1 > 11: no longer fits.
     let mut over =
         started(rt.send::<Tally>("t", TallyCommand::AddAtMost { add: 1, limit: 11 })).await;
@@ -330,7 +334,9 @@ async fn a_failed_append_drains_the_appends_behind_it_and_they_are_decided_again
     let entered = faults.appends.entered();
     faults.fail_appends(1);
     let failed = started(rt.send::<Tally>("f", TallyCommand::Add(2))).await;
+    faults.appends.wait_entered(entered + 1).await;
     let b = started(rt.send::<Tally>("f", TallyCommand::Add(3))).await;
+    faults.appends.wait_entered(entered + 2).await;
     let c = started(rt.send::<Tally>("f", TallyCommand::Add(4))).await;
     faults.appends.wait_entered(entered + 3).await;
     let late = started(rt.send::<Tally>("f", TallyCommand::Add(5))).await;
@@ -356,6 +362,7 @@ async fn a_failed_append_drains_the_appends_behind_it_and_they_are_decided_again
     faults.appends.wait_entered(entered + 1).await;
     faults.fail_appends(1);
     let failed = started(rt.send::<Tally>("f", TallyCommand::Add(7))).await;
+    faults.appends.wait_entered(entered + 2).await;
     let behind = started(rt.send::<Tally>("f", TallyCommand::Add(8))).await;
     faults.appends.wait_entered(entered + 3).await;
     faults.appends.release();
@@ -369,7 +376,9 @@ async fn a_failed_append_drains_the_appends_behind_it_and_they_are_decided_again
     let entered = faults.appends.entered();
     faults.fail_appends(2);
     let one = started(rt.send::<Tally>("f", TallyCommand::Add(9))).await;
+    faults.appends.wait_entered(entered + 1).await;
     let two = started(rt.send::<Tally>("f", TallyCommand::Add(10))).await;
+    faults.appends.wait_entered(entered + 2).await;
     let three = started(rt.send::<Tally>("f", TallyCommand::Add(11))).await;
     faults.appends.wait_entered(entered + 3).await;
     faults.appends.release();
@@ -591,8 +600,9 @@ async fn a_due_snapshot_waits_for_the_appends_in_flight() {
     faults.appends.hold();
     let entered = faults.appends.entered();
     let mut sends = Vec::new();
-    for v in 2..=4 {
+    for (k, v) in (2..=4).enumerate() {
         sends.push(started(rt.send::<Tally>("snap", TallyCommand::Add(v))).await);
+        faults.appends.wait_entered(entered + k as u64 + 1).await;
     }
     // Version 2 is due for a snapshot when the first lands, with two still in flight.
     faults.appends.wait_entered(entered + 3).await;
@@ -642,8 +652,9 @@ async fn shutdown_waits_for_the_appends_in_flight() {
     faults.appends.hold();
     let entered = faults.appends.entered();
     let mut sends = Vec::new();
-    for v in 2..=4 {
+    for (k, v) in (2..=4).enumerate() {
         sends.push(started(rt.send::<Tally>("down", TallyCommand::Add(v))).await);
+        faults.appends.wait_entered(entered + k as u64 + 1).await;
     }
     faults.appends.wait_entered(entered + 3).await;
     let mut down = started(rt.shutdown()).await;

@@ -11,6 +11,7 @@ pub(crate) mod memory_per_live;
 pub(crate) mod node;
 pub(crate) mod peer_cqrs_es;
 pub(crate) mod projection_catchup;
+pub(crate) mod remote_hot;
 pub(crate) mod replay_cost;
 pub(crate) mod store_append_buffered;
 pub(crate) mod store_append_sync;
@@ -34,6 +35,7 @@ pub(crate) fn all() -> Vec<Workload> {
         memory_per_live::WORKLOAD,
         projection_catchup::WORKLOAD,
         peer_cqrs_es::WORKLOAD,
+        remote_hot::WORKLOAD,
     ]
 }
 
