@@ -7,7 +7,9 @@
 //!   schema versions) and domain errors. Pure: test it with [`testing::AggregateTest`].
 //! - [`Runtime`]: hosts aggregates as actix actors, activated on their first message from the
 //!   latest snapshot and later events, passivated when idle. [`Runtime::send`] runs a command
-//!   through the aggregate's mailbox and returns once its events are stored.
+//!   through the aggregate's mailbox and returns once its events are stored. A hot aggregate
+//!   decides queued commands together and keeps several appends in flight, each decided
+//!   against the ones before it.
 //! - [`EventStore`]: atomic appends with optimistic concurrency, a gap-free global log,
 //!   snapshots, idempotency records and key-value tables. [`SledStore`] is the embedded durable
 //!   default; [`MemoryStore`] keeps everything in memory.
