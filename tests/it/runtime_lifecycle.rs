@@ -49,8 +49,13 @@ async fn an_idle_actor_is_passivated_and_reactivates_with_identical_state() {
 
     wait_live::<Tally>(&rt, 0).await;
     wait_live::<Account>(&rt, 0).await;
-    let stats = rt.stats::<Tally>().unwrap();
-    assert_eq!((stats.passivations, stats.activations), (1, 1));
+    // Usually one incarnation each; a stall longer than the timeout during the set-up (a loaded
+    // machine) passivates earlier too. Either way every incarnation so far was passivated.
+    let tally = rt.stats::<Tally>().unwrap();
+    let account = rt.stats::<Account>().unwrap();
+    assert!(tally.passivations >= 1);
+    assert_eq!(tally.passivations, tally.activations);
+    assert_eq!(account.passivations, account.activations);
 
     let tally_after = rt.state::<Tally>("idle").await.unwrap();
     assert_eq!(tally_after, tally_before);
@@ -59,8 +64,14 @@ async fn an_idle_actor_is_passivated_and_reactivates_with_identical_state() {
         "reactivated by a replay from the store"
     );
     assert_eq!(rt.state::<Account>("idle").await.unwrap(), account_before);
-    assert_eq!(rt.stats::<Tally>().unwrap().activations, 2);
-    assert_eq!(rt.stats::<Account>().unwrap().activations, 2);
+    assert_eq!(
+        rt.stats::<Tally>().unwrap().activations,
+        tally.activations + 1
+    );
+    assert_eq!(
+        rt.stats::<Account>().unwrap().activations,
+        account.activations + 1
+    );
     let next = rt
         .send::<Tally>("idle", TallyCommand::Add(11))
         .await
