@@ -19,7 +19,7 @@ use tokio::runtime::Runtime;
 
 use super::durable_many::{self, AGGREGATES, CALLERS, MEASURED};
 use super::node::{account_id, command_rate, deposit, open_all, runtime_at};
-use super::support::alternate;
+use super::support::{self, alternate};
 use super::{Better, Sample, Settings, Workload};
 use crate::stats::median;
 use crate::BoxError;
@@ -104,29 +104,15 @@ fn open_loop(runtime: &Runtime, rate: f64, commands: usize) -> Result<Vec<f64>, 
     let rt = runtime_at(dir.path(), DurabilityMode::Sync, |_| {})?;
     let result = runtime.block_on(async {
         open_all(&rt, AGGREGATES, CALLERS).await?;
-        let mut tasks = Vec::with_capacity(commands);
-        let mut ticks = tokio::time::interval(Duration::from_millis(1));
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let start = Instant::now();
-        let mut sent = 0;
-        while sent < commands {
-            ticks.tick().await;
-            let now = Instant::now();
-            let due = ((now - start).as_secs_f64() * rate) as usize;
-            while sent < due.min(commands) {
-                let rt = rt.clone();
-                let id = account_id(sent % AGGREGATES);
-                tasks.push(tokio::spawn(async move {
-                    rt.send::<Account>(id, deposit()).await?;
-                    Ok::<f64, BoxError>(now.elapsed().as_secs_f64() * 1e6)
-                }));
-                sent += 1;
+        let latencies = support::open_loop(rate, commands, |n| {
+            let rt = rt.clone();
+            let id = account_id(n % AGGREGATES);
+            async move {
+                rt.send::<Account>(id, deposit()).await?;
+                Ok(())
             }
-        }
-        let mut latencies = Vec::with_capacity(commands);
-        for task in tasks {
-            latencies.push(task.await??);
-        }
+        })
+        .await?;
         rt.shutdown().await?;
         Ok::<_, BoxError>(latencies)
     });

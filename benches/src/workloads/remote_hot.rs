@@ -2,8 +2,9 @@
 //!
 //! One hot `Account` on a store whose every append is acknowledged 1 ms after it is applied (an
 //! in-memory store behind a simulated round trip, as a replicated or networked log would
-//! answer; appends still apply in order). Commands arrive open-loop at [`RATE`] per second,
-//! each from its own task, and each one's latency is timed from its due time to its reply.
+//! answer; appends still apply in order). Commands arrive open-loop at [`RATE`] per second
+//! (`support::open_loop`: each its own task), each one's latency timed from the tick that sent
+//! it to its reply.
 //! incarnate with the default `max_appends_in_flight = 4` against itself with
 //! `max_appends_in_flight = 1` (one append at a time, as before pipelining), in the same round.
 //! Figure: the median latency; ratio = pipelined / one at a time (lower is better).
@@ -14,7 +15,7 @@
 //! it before its own starts.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use incarnate::{
@@ -26,7 +27,7 @@ use tokio::runtime::Runtime;
 use tokio::sync::watch;
 
 use super::node::{deposit, open};
-use super::support::alternate;
+use super::support::{alternate, open_loop};
 use super::{Better, Sample, Settings, Workload};
 use crate::stats::median;
 use crate::BoxError;
@@ -76,28 +77,14 @@ fn p50_latency(runtime: &Runtime, in_flight: usize, commands: usize) -> Result<f
         .build()?;
     runtime.block_on(async {
         rt.send::<Account>("hot", open()).await?;
-        let mut tasks = Vec::with_capacity(commands);
-        let mut ticks = tokio::time::interval(Duration::from_millis(1));
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let start = Instant::now();
-        let mut sent = 0;
-        while sent < commands {
-            ticks.tick().await;
-            let due = ((start.elapsed().as_secs_f64()) * RATE) as usize;
-            while sent < due.min(commands) {
-                let rt = rt.clone();
-                let due_at = start + Duration::from_secs_f64(sent as f64 / RATE);
-                tasks.push(tokio::spawn(async move {
-                    rt.send::<Account>("hot", deposit()).await?;
-                    Ok::<f64, BoxError>(due_at.elapsed().as_secs_f64() * 1e6)
-                }));
-                sent += 1;
+        let latencies = open_loop(RATE, commands, |_| {
+            let rt = rt.clone();
+            async move {
+                rt.send::<Account>("hot", deposit()).await?;
+                Ok(())
             }
-        }
-        let mut latencies = Vec::with_capacity(commands);
-        for task in tasks {
-            latencies.push(task.await??);
-        }
+        })
+        .await?;
         let (_, version) = rt.state::<Account>("hot").await?;
         rt.shutdown().await?;
         if version != commands as u64 + 1 {

@@ -148,3 +148,41 @@ pub(crate) fn raw_key(i: usize) -> [u8; 16] {
     key[8..].copy_from_slice(&((i / STREAMS) as u64 + 1).to_be_bytes());
     key
 }
+
+/// Sends `commands` commands open-loop at `rate` per second: every 1 ms tick spawns, each as its
+/// own task, the ones due by then, whatever the earlier ones are doing. `send(n)` sends command
+/// `n`. Returns each command's latency in µs, from the tick that sent it to its reply (so
+/// queueing behind slow commands counts).
+pub(crate) async fn open_loop<F, Fut>(
+    rate: f64,
+    commands: usize,
+    send: F,
+) -> Result<Vec<f64>, BoxError>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<(), BoxError>> + Send + 'static,
+{
+    let mut tasks = Vec::with_capacity(commands);
+    let mut ticks = tokio::time::interval(Duration::from_millis(1));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let start = Instant::now();
+    let mut sent = 0;
+    while sent < commands {
+        ticks.tick().await;
+        let now = Instant::now();
+        let due = ((now - start).as_secs_f64() * rate) as usize;
+        while sent < due.min(commands) {
+            let command = send(sent);
+            tasks.push(tokio::spawn(async move {
+                command.await?;
+                Ok::<f64, BoxError>(now.elapsed().as_secs_f64() * 1e6)
+            }));
+            sent += 1;
+        }
+    }
+    let mut latencies = Vec::with_capacity(commands);
+    for task in tasks {
+        latencies.push(task.await??);
+    }
+    Ok(latencies)
+}
