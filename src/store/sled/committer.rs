@@ -141,6 +141,8 @@ struct Plan {
     replies: Vec<Pending>,
     dirty: bool,
     force_sync: bool,
+    /// Streams whose deletion watermark this batch raises.
+    deletions: Vec<Vec<u8>>,
 }
 
 impl Committer {
@@ -247,6 +249,7 @@ impl Committer {
                 replies: Vec::with_capacity(ops.len()),
                 dirty: false,
                 force_sync: false,
+                deletions: Vec::new(),
             };
             for op in ops {
                 match op {
@@ -563,6 +566,7 @@ impl Committer {
         }
         meta.deleted_to = to;
         plan.batch.insert(meta_key.clone(), meta.encode().to_vec());
+        plan.deletions.push(meta_key.clone());
         plan.metas.insert(meta_key, meta);
         plan.dirty = true;
         Ok(())
@@ -640,6 +644,10 @@ impl Committer {
         let metas_written = self.plan_meta_writes(&mut plan);
         let mut outcome: Result<(), StoreError> = Ok(());
         let mut applied = false;
+        // A deletion's watermark reaches readers before its records go, so a reader that finds
+        // records missing finds the watermark that explains them (streams without unwritten
+        // metadata get both in the same atomic batch, through their `M` record).
+        let raised = self.publish_raised_watermarks(&plan);
         if plan.dirty {
             if plan.next_head != self.head {
                 plan.batch
@@ -657,6 +665,12 @@ impl Committer {
         if applied {
             self.metas_applied(&mut plan, metas_written);
             self.head = plan.next_head;
+        } else {
+            for (key, deleted_to) in raised {
+                if let Some(mut meta) = self.dirty.get_mut(&key) {
+                    meta.deleted_to = deleted_to;
+                }
+            }
         }
         let must_sync =
             plan.force_sync || (plan.dirty && self.config.durability == Durability::Sync);
@@ -681,6 +695,24 @@ impl Committer {
                 finish(vec![done], acks.head_tx(), synced);
             }
         }
+    }
+
+    /// Raises the deletion watermark readers see for the dirty streams whose watermark `plan`
+    /// raises; returns the previous values, to restore if the plan is not applied.
+    fn publish_raised_watermarks(&self, plan: &Plan) -> Vec<(Vec<u8>, u64)> {
+        let mut raised = Vec::new();
+        for key in &plan.deletions {
+            let Some(meta) = plan.metas.get(key) else {
+                continue;
+            };
+            if let Some(mut shared) = self.dirty.get_mut(key) {
+                if meta.deleted_to > shared.deleted_to {
+                    raised.push((key.clone(), shared.deleted_to));
+                    shared.deleted_to = meta.deleted_to;
+                }
+            }
+        }
+        raised
     }
 
     /// Adds the `M` records of the oldest dirty streams to the batch, and the meta checkpoint

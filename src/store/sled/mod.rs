@@ -179,11 +179,6 @@ impl SledStore {
     }
 }
 
-/// How many times (1 ms apart) a stream read whose chain broke is tried again before the break is
-/// reported as corruption: a concurrent `delete_to` removes events a moment before it publishes
-/// the new deletion watermark (the committer thread may be descheduled in between).
-const DELETE_RACE_RETRIES: u32 = 50;
-
 /// How long [`SledStore::open`] waits for the database's file lock. sled's I/O threads finish
 /// their last writes and file truncations after its last handle is dropped, holding the file (and
 /// its lock) a moment longer, so a reopen right after [`EventStore::close`] can find it still
@@ -278,34 +273,27 @@ impl EventStore for SledStore {
         let dirty = self.shared.dirty.clone();
         self.read(move |tree| {
             let meta_key = keys::stream_key(keys::META, &stream)?;
-            let mut attempt = 0;
-            let (meta, hops) = loop {
-                let meta = chain::read_meta(tree, &dirty, &meta_key, &stream)?;
-                let from = from.max(meta.deleted_to.saturating_add(1)).max(1);
-                if from > to || max == 0 {
-                    break (meta, Vec::new());
-                }
+            let mut meta = chain::read_meta(tree, &dirty, &meta_key, &stream)?;
+            let from = from.max(meta.deleted_to.saturating_add(1)).max(1);
+            let mut hops = Vec::new();
+            if from <= to && max > 0 {
                 // Sequences are dense above the deletion watermark, so the window's first `max`
                 // events end at `from + max - 1`: the walk never reads past the window's end.
                 let span = u64::try_from(max).unwrap_or(u64::MAX) - 1;
                 let last = to.min(from.saturating_add(span));
                 let walk = chain::walk(tree, &stream, &meta, from, last)?;
-                let Some((sequence, _, err)) = walk.broken else {
-                    break (meta, walk.hops);
-                };
-                // A `delete_to` may have removed the events below the break after the metadata
-                // was read: the committer publishes the new watermark just after the removal.
-                // Then the events above the break are the window.
-                let now = chain::read_meta(tree, &dirty, &meta_key, &stream)?;
-                if now.deleted_to >= sequence {
-                    break (now, walk.hops);
+                if let Some((sequence, _, err)) = walk.broken {
+                    // A `delete_to` that removed the events below the break after the metadata
+                    // was read has published its watermark before the removal (the committer's
+                    // `commit`): then the events above the break are the window.
+                    let now = chain::read_meta(tree, &dirty, &meta_key, &stream)?;
+                    if now.deleted_to < sequence {
+                        return Err(err);
+                    }
+                    meta = now;
                 }
-                if attempt == DELETE_RACE_RETRIES {
-                    return Err(err);
-                }
-                attempt += 1;
-                std::thread::sleep(Duration::from_millis(1));
-            };
+                hops = walk.hops;
+            }
             let mut events = Vec::with_capacity(hops.len());
             for hop in hops {
                 if hop.position > head {
