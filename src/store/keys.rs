@@ -33,7 +33,9 @@ pub(crate) const SNAPSHOT: u8 = b'P';
 pub(crate) const COMMAND: u8 = b'C';
 /// `K` + table + key → value.
 pub(crate) const KV: u8 = b'K';
-/// `G` → the last assigned global position.
+/// `G` → a lower bound of the last assigned global position, written only by batches that
+/// remove log records (the head is the larger of it and the last `L` key): a per-commit write
+/// would cost a sled insert per commit for what the log's last key already says.
 pub(crate) const HEAD: &[u8] = b"G";
 /// `H` → the position up to which every stream's `M` record is up to date.
 pub(crate) const META_CHECKPOINT: &[u8] = b"H";

@@ -119,6 +119,10 @@ pub(super) struct Committer {
     dirty_order: VecDeque<(u64, Vec<u8>)>,
     /// The position up to which every `M` record is written, as stored under `H`.
     meta_checkpoint: u64,
+    /// Events committed whose share of `M` writes (one per [`EVENTS_PER_META_WRITE`]) is not
+    /// yet spent: commits are often smaller than that, and a per-commit minimum would make the
+    /// metadata cost more sled inserts than the events themselves.
+    meta_credit: usize,
 }
 
 /// Streams whose metadata the committer keeps in memory before it drops the clean ones.
@@ -127,6 +131,11 @@ const META_CACHE: usize = 1 << 20;
 /// How far (in events) the meta checkpoint may trail the head before a commit writes every dirty
 /// stream's metadata: it bounds the log replayed when the store opens.
 const META_LAG: u64 = 1 << 18;
+
+/// Committed events per `M` record written, outside flushes: the dirty set drains at this rate
+/// while keeping the random-key inserts a small share of the work. With `D` streams dirty, the
+/// checkpoint trails the head by about `D * EVENTS_PER_META_WRITE` events (or [`META_LAG`]).
+const EVENTS_PER_META_WRITE: usize = 8;
 
 /// The writes of one group commit, planned before they are applied.
 struct Plan {
@@ -166,6 +175,7 @@ impl Committer {
             dirty,
             dirty_order: VecDeque::new(),
             meta_checkpoint: 0,
+            meta_credit: 0,
         }
     }
 
@@ -649,7 +659,8 @@ impl Committer {
         // metadata get both in the same atomic batch, through their `M` record).
         let raised = self.publish_raised_watermarks(&plan);
         if plan.dirty {
-            if plan.next_head != self.head {
+            if !plan.deletions.is_empty() {
+                // Removed records may include the log's last: the head must outlive them.
                 plan.batch
                     .insert(keys::HEAD, plan.next_head.to_be_bytes().to_vec());
             }
@@ -716,9 +727,9 @@ impl Committer {
     }
 
     /// Adds the `M` records of the oldest dirty streams to the batch, and the meta checkpoint
-    /// they allow: a few per commit (an eighth of its events, at least 16) so the random-key
-    /// inserts stay a small share of the work, every one when the checkpoint trails the head by
-    /// more than [`META_LAG`] or on flush and shutdown. Returns how many queued streams it wrote
+    /// they allow: one per [`EVENTS_PER_META_WRITE`] committed events, counted across commits,
+    /// so the random-key inserts stay a small share of the work; every one when the checkpoint
+    /// trails the head by more than [`META_LAG`] or on flush and shutdown. Returns how many queued streams it wrote
     /// (`usize::MAX`: all, including this batch's).
     fn plan_meta_writes(&self, plan: &mut Plan) -> usize {
         let oldest = self.dirty_order.front().map(|(since, _)| *since);
@@ -727,7 +738,7 @@ impl Committer {
         let count = if write_all {
             self.dirty_order.len()
         } else {
-            (plan.events / 8).max(16).min(self.dirty_order.len())
+            ((self.meta_credit + plan.events) / EVENTS_PER_META_WRITE).min(self.dirty_order.len())
         };
         let current = |key: &Vec<u8>| plan.metas.get(key).or_else(|| self.metas.get(key)).copied();
         let mut rows = Vec::new();
@@ -769,6 +780,12 @@ impl Committer {
     fn metas_applied(&mut self, plan: &mut Plan, written: usize) {
         let all = written == usize::MAX;
         let written = written.min(self.dirty_order.len());
+        self.meta_credit = if all || written == self.dirty_order.len() {
+            // Nothing older is left to write: credit saved now would only burst later.
+            0
+        } else {
+            self.meta_credit + plan.events - written * EVENTS_PER_META_WRITE
+        };
         for (_, key) in self.dirty_order.drain(..written) {
             self.dirty.remove(&key);
         }

@@ -96,6 +96,28 @@ struct Shared {
     committer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
+/// The last assigned global position: the last log record's, or the `G` record's where
+/// deletions removed the records at the top of the log.
+fn stored_head(tree: &sled::Tree) -> Result<u64, StoreError> {
+    let recorded = match tree.get(keys::HEAD)? {
+        Some(bytes) => keys::trailing_u64(&bytes).ok_or_else(|| StoreError::Decode {
+            what: "global head",
+            stream: StreamId::new("", ""),
+            sequence: 0,
+            reason: format!("expected 8 bytes, found {}", bytes.len()),
+        })?,
+        None => 0,
+    };
+    let last_logged = match tree
+        .range(keys::log_key(0)..=keys::log_key(u64::MAX))
+        .next_back()
+    {
+        Some(item) => keys::trailing_u64(&item?.0).unwrap_or(0),
+        None => 0,
+    };
+    Ok(recorded.max(last_logged))
+}
+
 impl SledStore {
     /// Opens (or creates) the database described by `config`. Blocking: call it at start-up or
     /// from a blocking context.
@@ -110,15 +132,7 @@ impl SledStore {
         File::open(&config.path)?.sync_all()?;
         check_layout(&tree)?;
 
-        let head = match tree.get(keys::HEAD)? {
-            Some(bytes) => keys::trailing_u64(&bytes).ok_or_else(|| StoreError::Decode {
-                what: "global head",
-                stream: StreamId::new("", ""),
-                sequence: 0,
-                reason: format!("expected 8 bytes, found {}", bytes.len()),
-            })?,
-            None => 0,
-        };
+        let head = stored_head(&tree)?;
         let (head_tx, head_rx) = watch::channel(head);
         let (tx, rx) = mpsc::unbounded_channel();
         let dirty = Arc::new(DirtyMetas::new());
