@@ -15,7 +15,7 @@ use super::support::alternate;
 use super::{Better, Sample, Settings, Workload};
 use crate::BoxError;
 
-const CALLERS: usize = 64;
+pub(crate) const CALLERS: usize = 64;
 const BATCH: usize = 512;
 
 pub(crate) const WORKLOAD: Workload = Workload {

@@ -24,7 +24,7 @@ pub(crate) const AGGREGATES: usize = 10_000;
 /// Concurrent callers.
 pub(crate) const CALLERS: usize = 1_000;
 /// Events per raw sled batch.
-const BATCH: usize = 512;
+pub(crate) const BATCH: usize = 512;
 
 /// Every round's incarnate figure (commands/s), for `latency_sync` to pace itself at half of it.
 pub(crate) static MEASURED: Mutex<Vec<f64>> = Mutex::new(Vec::new());

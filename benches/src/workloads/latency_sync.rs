@@ -67,7 +67,7 @@ fn run_round(
 }
 
 /// Half the median `durable_many` figure of this run; measured now if that workload did not run.
-fn target_rate(runtime: &Runtime, settings: &Settings) -> Result<f64, BoxError> {
+pub(crate) fn target_rate(runtime: &Runtime, settings: &Settings) -> Result<f64, BoxError> {
     let measured = MEASURED.lock().map(|m| m.clone()).unwrap_or_default();
     let full = if measured.is_empty() {
         let rate = command_rate(
@@ -88,7 +88,7 @@ fn target_rate(runtime: &Runtime, settings: &Settings) -> Result<f64, BoxError> 
 }
 
 /// The `p` quantile (nearest rank) of `values`.
-fn percentile(values: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(values: &[f64], p: f64) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     if sorted.is_empty() {
@@ -121,7 +121,7 @@ fn open_loop(runtime: &Runtime, rate: f64, commands: usize) -> Result<Vec<f64>, 
 }
 
 /// The median of 200 `write(256 B)` + `fdatasync` on a file in a temporary directory.
-fn fsync_p50() -> Result<Duration, BoxError> {
+pub(crate) fn fsync_p50() -> Result<Duration, BoxError> {
     let dir = tempfile::tempdir()?;
     let mut file = File::create(dir.path().join("fsync"))?;
     let block = [0xa5_u8; 256];

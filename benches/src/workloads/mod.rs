@@ -6,6 +6,7 @@ pub(crate) mod activation_flat;
 pub(crate) mod buffered_many;
 pub(crate) mod durable_hot;
 pub(crate) mod durable_many;
+pub(crate) mod floor;
 pub(crate) mod latency_sync;
 pub(crate) mod memory_per_live;
 pub(crate) mod node;
@@ -30,6 +31,7 @@ pub(crate) fn all() -> Vec<Workload> {
         durable_hot::WORKLOAD,
         buffered_many::WORKLOAD,
         latency_sync::WORKLOAD,
+        floor::WORKLOAD,
         activation_flat::WORKLOAD,
         replay_cost::WORKLOAD,
         memory_per_live::WORKLOAD,

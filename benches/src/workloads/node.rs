@@ -172,7 +172,7 @@ pub(crate) fn command_rate(
 }
 
 /// The 16-byte raw key of event `i` over `streams` interleaved streams.
-fn raw_key(i: usize, streams: usize) -> [u8; 16] {
+pub(crate) fn raw_key(i: usize, streams: usize) -> [u8; 16] {
     let mut key = [0u8; 16];
     key[..8].copy_from_slice(&((i % streams) as u64).to_be_bytes());
     key[8..].copy_from_slice(&((i / streams) as u64 + 1).to_be_bytes());
