@@ -729,8 +729,8 @@ impl Committer {
     /// Adds the `M` records of the oldest dirty streams to the batch, and the meta checkpoint
     /// they allow: one per [`EVENTS_PER_META_WRITE`] committed events, counted across commits,
     /// so the random-key inserts stay a small share of the work; every one when the checkpoint
-    /// trails the head by more than [`META_LAG`] or on flush and shutdown. Returns how many queued streams it wrote
-    /// (`usize::MAX`: all, including this batch's).
+    /// trails the head by more than [`META_LAG`] or on flush and shutdown. Returns how many
+    /// queued streams it wrote (`usize::MAX`: all, including this batch's).
     fn plan_meta_writes(&self, plan: &mut Plan) -> usize {
         let oldest = self.dirty_order.front().map(|(since, _)| *since);
         let lagging = oldest.is_some_and(|since| plan.next_head - since >= META_LAG);
