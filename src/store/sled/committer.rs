@@ -152,6 +152,9 @@ struct Plan {
     force_sync: bool,
     /// Streams whose deletion watermark this batch raises.
     deletions: Vec<Vec<u8>>,
+    /// One append's rows before they join the batch (all or none of them do); kept to reuse its
+    /// buffer across the appends of a commit.
+    rows: Vec<(sled::IVec, Vec<u8>)>,
 }
 
 impl Committer {
@@ -230,11 +233,13 @@ impl Committer {
         }
         let mut carried: Option<WriteOp> = None;
         let mut shutdown: Option<Reply<()>> = None;
+        // Reused by every commit: a group can hold thousands of requests.
+        let mut ops: Vec<WriteOp> = Vec::new();
         while shutdown.is_none() {
             let Some(first) = carried.take().or_else(|| rx.blocking_recv()) else {
                 break;
             };
-            let mut ops = vec![first];
+            ops.push(first);
             let mut weight = ops.iter().map(WriteOp::weight).sum::<usize>();
             let solo = ops.iter().any(WriteOp::reads_tree);
             while !solo && weight < self.config.max_batch {
@@ -260,8 +265,9 @@ impl Committer {
                 dirty: false,
                 force_sync: false,
                 deletions: Vec::new(),
+                rows: Vec::new(),
             };
-            for op in ops {
+            for op in ops.drain(..) {
                 match op {
                     WriteOp::Shutdown { reply } => {
                         plan.force_sync = true;
@@ -477,8 +483,9 @@ impl Committer {
             Vec::new()
         };
         let timestamp = now_micros();
-        let mut rows: Vec<(Vec<u8>, Vec<u8>)> =
-            Vec::with_capacity(events.len() + record_commands.len() + 2);
+        // Keys of up to 22 bytes (every log key) are stored inline in an `IVec`: no allocation.
+        let rows = &mut plan.rows;
+        rows.clear();
         let first_position = plan.next_head + 1;
         let mut position = plan.next_head;
         let mut sequence = meta.highest;
@@ -492,10 +499,10 @@ impl Committer {
             let mut record = LogRecord { sequence, previous }.start(envelope.encoded_len_hint());
             envelope.encode_into(&mut record)?;
             check_size(record.len(), "event")?;
-            rows.push((keys::log_key(position).to_vec(), record));
+            rows.push((sled::IVec::from(&keys::log_key(position)[..]), record));
             if sequence % keys::INDEX_STRIDE == 0 {
                 rows.push((
-                    keys::with_u64(&index_base, sequence),
+                    keys::with_u64(&index_base, sequence).into(),
                     position.to_be_bytes().to_vec(),
                 ));
             }
@@ -509,9 +516,9 @@ impl Committer {
         for record in &record_commands {
             let mut key = keys::with_u64(&command_base, record.version);
             key.extend_from_slice(record.command_id.as_bytes());
-            rows.push((key, record.encode()?));
+            rows.push((key.into(), record.encode()?));
         }
-        for (k, v) in rows {
+        for (k, v) in rows.drain(..) {
             plan.batch.insert(k, v);
         }
         for (version, id) in forget_commands {
