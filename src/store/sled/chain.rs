@@ -9,7 +9,7 @@ use crate::store::StoreError;
 
 /// Stream metadata that changed since its `M` record was last written, keyed by `M` key. The
 /// committer is its only writer; readers consult it before the tree.
-pub(super) type DirtyMetas = DashMap<Vec<u8>, StreamMeta>;
+pub(super) type DirtyMetas = DashMap<Vec<u8>, StreamMeta, foldhash::fast::RandomState>;
 
 /// A stream's metadata: the committer's unwritten version if there is one, else its `M`
 /// record, else an empty stream.

@@ -111,7 +111,7 @@ pub(super) struct Committer {
     acks: Acks,
     /// Stream metadata of recently written streams. The committer is the only writer, so the
     /// cache is always exact; it saves a tree read per append. Holds every dirty stream.
-    metas: HashMap<Vec<u8>, StreamMeta>,
+    metas: HashMap<Vec<u8>, StreamMeta, foldhash::fast::RandomState>,
     /// Streams whose `M` record is behind, shared with readers.
     dirty: Arc<DirtyMetas>,
     /// The dirty streams by the position of their first unwritten event, oldest first: the
@@ -142,7 +142,7 @@ struct Plan {
     batch: sled::Batch,
     /// Stream metadata as this batch leaves it, so several appends to one stream in one batch
     /// see each other.
-    metas: HashMap<Vec<u8>, StreamMeta>,
+    metas: HashMap<Vec<u8>, StreamMeta, foldhash::fast::RandomState>,
     /// Streams this batch dirtied, with the position of their first event in it.
     newly_dirty: Vec<(u64, Vec<u8>)>,
     events: usize,
@@ -174,7 +174,7 @@ impl Committer {
             config,
             head,
             acks: Acks::Inline(head_tx),
-            metas: HashMap::new(),
+            metas: HashMap::default(),
             dirty,
             dirty_order: VecDeque::new(),
             meta_checkpoint: 0,
@@ -257,7 +257,7 @@ impl Committer {
             }
             let mut plan = Plan {
                 batch: sled::Batch::default(),
-                metas: HashMap::new(),
+                metas: HashMap::default(),
                 newly_dirty: Vec::new(),
                 events: 0,
                 next_head: self.head,

@@ -135,7 +135,7 @@ impl SledStore {
         let head = stored_head(&tree)?;
         let (head_tx, head_rx) = watch::channel(head);
         let (tx, rx) = mpsc::unbounded_channel();
-        let dirty = Arc::new(DirtyMetas::new());
+        let dirty = Arc::new(DirtyMetas::default());
         let mut committer = Committer::new(
             db,
             tree.clone(),
