@@ -5,8 +5,9 @@
 //! and `apply`).
 //!
 //! - incarnate: one account on a fresh sled store, `durability = buffered`, given 1,000 prior
-//!   events (untimed), then 1,000 timed deposits from 16 concurrent closed-loop callers; three
-//!   such accounts in turn per round, the median kept.
+//!   events (untimed), then 1,000 timed deposits from 16 concurrent closed-loop callers; seven
+//!   such accounts in turn per round, the median kept (a burst lasts ~20 ms: a stall of the
+//!   host can take one or two of them).
 //! - cqrs-es 0.5: `CqrsFramework` over its `MemStore`, the account given the same 1,000 prior
 //!   events (untimed), then the same 1,000 deposits sent one after another (its framework loads
 //!   and replays the aggregate's whole history for each command).
@@ -39,7 +40,7 @@ const PRIOR: usize = 1_000;
 const COMMANDS: usize = 1_000;
 const CALLERS: usize = 16;
 const ID: &str = "acc-000000";
-const REPS: usize = 3;
+const REPS: usize = 7;
 
 pub(crate) const WORKLOAD: Workload = Workload {
     name: "peer_cqrs_es",
