@@ -26,26 +26,22 @@
 //! event); `floor_latency_sync_p50` / `_p99` (the ideal server, open loop at the rate
 //! `latency_sync` offers; baseline the p50 of one `fdatasync`).
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
 use actix::{Actor, Addr, Context, Handler, Message, ResponseFuture};
-use incarnate::{
-    Aggregate, AppendRequest, Durability, EventStore, NewEvent, SledStore, SledStoreConfig,
-    StreamId,
-};
-use incarnate_actors::{Account, AccountEvent};
+use incarnate::Durability;
+use incarnate_actors::AccountEvent;
 use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, oneshot};
 
 use super::durable_hot::CALLERS as HOT_CALLERS;
 use super::durable_many::{self, AGGREGATES, BATCH, CALLERS};
 use super::latency_sync::{fsync_p50, percentile, target_rate};
-use super::node::{account_id, deposit_record_len, raw_group_commit, raw_inserts, raw_key};
-use super::support::{alternate, open_loop, open_raw_sled, INCARNATE_ONLY};
+use super::node::{deposit_record_len, raw_group_commit, raw_inserts, raw_key};
+use super::support::{alternate, closed_loop_appends, open_loop, open_raw_sled, INCARNATE_ONLY};
 use super::{Better, Sample, Settings, Workload};
 use crate::BoxError;
 
@@ -439,7 +435,8 @@ impl StreamActors {
 }
 
 /// The store alone: `commands` single-event appends of a `Deposited` payload to a fresh
-/// [`SledStore`] from `callers` closed-loop callers over `streams` streams; appends/s.
+/// [`SledStore`](incarnate::SledStore) from `callers` closed-loop callers over `streams`
+/// streams; appends/s.
 fn store_closed_loop(
     runtime: &Runtime,
     mode: Writes,
@@ -453,48 +450,15 @@ fn store_closed_loop(
             flush_interval_ms: 100,
         },
     };
-    let dir = tempfile::tempdir()?;
-    let store = SledStore::open(SledStoreConfig::new(dir.path()).durability(durability))?;
     let payload = rmp_serde::to_vec(&AccountEvent::Deposited { amount: 1 })?;
-    let result = runtime.block_on(async {
-        let start = Instant::now();
-        let mut tasks = Vec::with_capacity(callers);
-        for t in 0..callers {
-            let count = commands / callers + usize::from(t < commands % callers);
-            let store = store.clone();
-            let payload = payload.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut versions = HashMap::new();
-                for k in 0..count {
-                    let n = (k * callers + t) % streams;
-                    let version = versions.entry(n).or_insert(0_u64);
-                    let event = NewEvent {
-                        event_id: uuid::Uuid::now_v7(),
-                        event_type: AccountEvent::DEPOSITED.to_owned(),
-                        schema_version: 1,
-                        causation: Default::default(),
-                        payload: payload.clone(),
-                    };
-                    let stream = StreamId::new(Account::TYPE, account_id(n));
-                    let request = AppendRequest::new(stream, *version, vec![event]);
-                    *version = store.append(request).await?.last_sequence;
-                }
-                Ok::<(), incarnate::StoreError>(())
-            }));
-        }
-        for task in tasks {
-            task.await??;
-        }
-        let elapsed = start.elapsed();
-        let head = store.head();
-        store.close().await?;
-        if head != commands as u64 {
-            return Err(format!("expected {commands} events in the log, found {head}").into());
-        }
-        Ok::<_, BoxError>(commands as f64 / elapsed.as_secs_f64())
-    });
-    drop(dir);
-    result
+    closed_loop_appends(
+        runtime,
+        durability,
+        callers,
+        streams,
+        commands,
+        (payload, AccountEvent::DEPOSITED),
+    )
 }
 
 /// `commands` durable records sent open-loop at `rate` per second over [`AGGREGATES`] streams;

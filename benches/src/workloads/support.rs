@@ -74,33 +74,54 @@ pub(crate) fn alternate<A, B: Default>(
 }
 
 /// incarnate: `events` single-event appends to a fresh [`SledStore`] with `durability`, from
-/// [`APPENDERS`] concurrent tasks round-robining over their own streams. Returns appends/s,
-/// timed from the first append to the last acknowledgement (opening and closing excluded).
+/// [`APPENDERS`] concurrent tasks round-robining over their own streams of [`STREAMS`], each
+/// event the [`payload`]. Returns appends/s, timed from the first append to the last
+/// acknowledgement (opening and closing excluded).
 pub(crate) fn incarnate_appends(
     runtime: &Runtime,
     durability: Durability,
     events: usize,
 ) -> Result<f64, BoxError> {
+    let (payload, tag) = payload()?;
+    closed_loop_appends(
+        runtime,
+        durability,
+        APPENDERS,
+        STREAMS,
+        events,
+        (payload, tag),
+    )
+}
+
+/// `events` single-event appends (each `event`: an encoded payload and its tag) to a fresh
+/// [`SledStore`] with `durability`, from `callers` closed-loop tasks; task `t` round-robins over
+/// streams `t`, `t + callers`, ... of `streams`, checking versions. Returns appends/s, timed
+/// from the first append to the last acknowledgement; checks the log head.
+pub(crate) fn closed_loop_appends(
+    runtime: &Runtime,
+    durability: Durability,
+    callers: usize,
+    streams: usize,
+    events: usize,
+    event: (Vec<u8>, &'static str),
+) -> Result<f64, BoxError> {
     let dir = tempfile::tempdir()?;
     let store = SledStore::open(SledStoreConfig::new(dir.path()).durability(durability))?;
-    let (payload, tag) = payload()?;
+    let (payload, tag) = event;
     let payload = Arc::new(payload);
 
     let result = runtime.block_on(async {
         let start = Instant::now();
-        let mut tasks = Vec::with_capacity(APPENDERS);
-        for t in 0..APPENDERS {
-            let streams: Vec<StreamId> = (t..STREAMS)
-                .step_by(APPENDERS)
-                .map(account_stream)
-                .collect();
-            let count = events / APPENDERS + usize::from(t < events % APPENDERS);
+        let mut tasks = Vec::with_capacity(callers);
+        for t in 0..callers {
+            let own: Vec<StreamId> = (t..streams).step_by(callers).map(account_stream).collect();
+            let count = events / callers + usize::from(t < events % callers);
             let store = store.clone();
             let payload = Arc::clone(&payload);
             tasks.push(tokio::spawn(async move {
-                let mut versions = vec![0u64; streams.len()];
+                let mut versions = vec![0u64; own.len()];
                 for i in 0..count {
-                    let k = i % streams.len();
+                    let k = i % own.len();
                     let event = NewEvent {
                         event_id: uuid::Uuid::now_v7(),
                         event_type: tag.to_owned(),
@@ -108,7 +129,7 @@ pub(crate) fn incarnate_appends(
                         causation: Default::default(),
                         payload: payload.to_vec(),
                     };
-                    let request = AppendRequest::new(streams[k].clone(), versions[k], vec![event]);
+                    let request = AppendRequest::new(own[k].clone(), versions[k], vec![event]);
                     versions[k] = store.append(request).await?.last_sequence;
                 }
                 Ok::<(), incarnate::StoreError>(())
