@@ -791,7 +791,7 @@ impl Committer {
             // Nothing older is left to write: credit saved now would only burst later.
             0
         } else {
-            self.meta_credit + plan.events - written * EVENTS_PER_META_WRITE
+            (self.meta_credit + plan.events).saturating_sub(written * EVENTS_PER_META_WRITE)
         };
         for (_, key) in self.dirty_order.drain(..written) {
             self.dirty.remove(&key);
