@@ -47,7 +47,7 @@ use crate::BoxError;
 
 pub(crate) const WORKLOAD: Workload = Workload {
     name: "floor",
-    about: "the ideal server (one sled writer thread, no runtime) for the callers of durable_many, durable_hot, buffered_many and latency_sync",
+    about: "the callers of durable_many/_hot, buffered_many, latency_sync served by an ideal sled writer, the same behind actors, and the store alone",
     run_round,
     max_rounds: 0,
 };
