@@ -1,9 +1,10 @@
 //! The byte layout of the embedded store's single keyspace.
 //!
-//! Everything lives in one sled tree so that one `apply_batch` commits events, index entries,
-//! stream metadata, idempotency records and key-value writes atomically. A one-byte prefix names
-//! each record family; numbers are big-endian so byte order equals numeric order and range scans
-//! are the fast path.
+//! Everything lives in one sled tree, so that one commit (ordered single inserts, whose order
+//! crash recovery relies on, or one atomic `apply_batch`; see `store/sled/repair.rs`) covers
+//! events, index entries, stream metadata, idempotency records and key-value writes. A one-byte
+//! prefix names each record family; numbers are big-endian so byte order equals numeric order
+//! and range scans are the fast path.
 //!
 //! An append writes **one record per event**, keyed by global position, so a group commit's
 //! inserts land at the right edge of the tree one after the other. Inserting at random keys is
@@ -41,12 +42,13 @@ pub(crate) const HEAD: &[u8] = b"G";
 pub(crate) const META_CHECKPOINT: &[u8] = b"H";
 /// `V` → the layout version of the database ([`LAYOUT_VERSION`]).
 pub(crate) const LAYOUT: &[u8] = b"V";
-/// The layout this build reads and writes.
-pub(crate) const LAYOUT_VERSION: u32 = 2;
+/// The layout this build writes.
+pub(crate) const LAYOUT_VERSION: u32 = 3;
+/// The older layout this build reads and upgrades in place: its log records are all of the
+/// format that closes an append without command records, which layout 3 still reads.
+pub(crate) const UPGRADABLE_LAYOUT: u32 = 2;
 /// The sparse stream index holds the sequences divisible by this.
 pub(crate) const INDEX_STRIDE: u64 = 64;
-/// The format tag of a log record's header.
-const LOG_RECORD_FORMAT: u8 = 2;
 /// Format tag, sequence and previous position.
 const LOG_HEADER_LEN: usize = 17;
 
@@ -77,6 +79,13 @@ pub(crate) fn with_u64(base: &[u8], n: u64) -> Vec<u8> {
     let mut key = Vec::with_capacity(base.len() + 8);
     key.extend_from_slice(base);
     key.extend_from_slice(&n.to_be_bytes());
+    key
+}
+
+/// The key of a command record: the stream's `C` base, the version, the command id.
+pub(crate) fn command_key(base: &[u8], version: u64, command_id: uuid::Uuid) -> Vec<u8> {
+    let mut key = with_u64(base, version);
+    key.extend_from_slice(command_id.as_bytes());
     key
 }
 
@@ -156,32 +165,89 @@ pub(crate) struct LogRecord {
     pub(crate) previous: u64,
 }
 
+/// Where a log record stands in its append. Commits are written as ordered single-key inserts
+/// (see `store/sled/repair.rs`), so after a crash the log's last append may lack its closing
+/// record: every record before it says so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AppendEnd<'a> {
+    /// More events of the same append follow this one.
+    Continues,
+    /// This event closes its append; the append's encoded command records follow the header
+    /// (empty: it recorded none), so a crash between this record and the separate command
+    /// records cannot lose them.
+    Closes(&'a [u8]),
+}
+
+/// The last event of its append, without command records: the only format of layout 2.
+const CLOSES: u8 = 2;
+/// An event that more events of its append follow.
+const CONTINUES: u8 = 3;
+/// The last event of its append, followed by a `u32` length and the append's command records.
+const CLOSES_WITH_COMMANDS: u8 = 4;
+
 impl LogRecord {
-    /// A buffer holding this header, with room for `body` more bytes: the encoded envelope is
-    /// written after it.
-    pub(crate) fn start(&self, body: usize) -> Vec<u8> {
-        let mut out = Vec::with_capacity(LOG_HEADER_LEN + body);
-        out.push(LOG_RECORD_FORMAT);
+    /// A buffer holding this header and `end`, with room for `body` more bytes: the encoded
+    /// envelope is written after it.
+    pub(crate) fn start(&self, end: AppendEnd<'_>, body: usize) -> Result<Vec<u8>, StoreError> {
+        let (format, commands) = match end {
+            AppendEnd::Continues => (CONTINUES, &[][..]),
+            AppendEnd::Closes([]) => (CLOSES, &[][..]),
+            AppendEnd::Closes(commands) => (CLOSES_WITH_COMMANDS, commands),
+        };
+        let mut out = Vec::with_capacity(LOG_HEADER_LEN + 4 + commands.len() + body);
+        out.push(format);
         out.extend_from_slice(&self.sequence.to_be_bytes());
         out.extend_from_slice(&self.previous.to_be_bytes());
-        out
+        if format == CLOSES_WITH_COMMANDS {
+            let len = u32::try_from(commands.len()).map_err(|_| {
+                StoreError::Invalid(format!(
+                    "command records of {} bytes in one append",
+                    commands.len()
+                ))
+            })?;
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(commands);
+        }
+        Ok(out)
     }
 
     /// Splits a stored record into its header and its encoded envelope; `Err` holds why the bytes
     /// are not a log record.
     pub(crate) fn decode(bytes: &[u8]) -> Result<(Self, &[u8]), String> {
-        match (bytes.first(), be_u64(bytes, 1), be_u64(bytes, 9)) {
-            (Some(&LOG_RECORD_FORMAT), Some(sequence), Some(previous)) => Ok((
-                Self { sequence, previous },
-                bytes.get(LOG_HEADER_LEN..).unwrap_or_default(),
-            )),
-            (Some(&LOG_RECORD_FORMAT), _, _) => Err(format!(
-                "log record header truncated at {} bytes",
-                bytes.len()
-            )),
-            (Some(tag), _, _) => Err(format!("unknown log record format {tag}")),
-            (None, _, _) => Err("empty log record".to_owned()),
+        Self::decode_with_end(bytes).map(|(header, _, envelope)| (header, envelope))
+    }
+
+    /// [`Self::decode`], with the record's place in its append.
+    pub(crate) fn decode_with_end(bytes: &[u8]) -> Result<(Self, AppendEnd<'_>, &[u8]), String> {
+        let format = *bytes.first().ok_or("empty log record")?;
+        if !matches!(format, CLOSES | CONTINUES | CLOSES_WITH_COMMANDS) {
+            return Err(format!("unknown log record format {format}"));
         }
+        let truncated = || format!("log record header truncated at {} bytes", bytes.len());
+        let (Some(sequence), Some(previous)) = (be_u64(bytes, 1), be_u64(bytes, 9)) else {
+            return Err(truncated());
+        };
+        let rest = bytes.get(LOG_HEADER_LEN..).unwrap_or_default();
+        let (end, envelope) = match format {
+            CONTINUES => (AppendEnd::Continues, rest),
+            CLOSES => (AppendEnd::Closes(&[]), rest),
+            _ => {
+                let len = rest
+                    .get(..4)
+                    .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                    .map(u32::from_be_bytes)
+                    .ok_or_else(truncated)?;
+                let commands = usize::try_from(len)
+                    .ok()
+                    .and_then(|len| rest.get(4..4 + len))
+                    .ok_or_else(truncated)?;
+                (
+                    AppendEnd::Closes(commands),
+                    rest.get(4 + commands.len()..).unwrap_or_default(),
+                )
+            }
+        };
+        Ok((Self { sequence, previous }, end, envelope))
     }
 }
 
@@ -196,17 +262,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn log_record_round_trips_and_rejects_foreign_bytes() {
+    fn log_record_round_trips_and_rejects_foreign_bytes() -> Result<(), StoreError> {
         let header = LogRecord {
             sequence: 7,
             previous: 42,
         };
-        let mut bytes = header.start(8);
-        bytes.extend_from_slice(b"envelope");
-        assert_eq!(LogRecord::decode(&bytes), Ok((header, &b"envelope"[..])));
-        assert!(LogRecord::decode(&bytes[..10]).is_err());
+        for end in [
+            AppendEnd::Continues,
+            AppendEnd::Closes(&[]),
+            AppendEnd::Closes(b"commands"),
+        ] {
+            let mut bytes = header.start(end, 8)?;
+            bytes.extend_from_slice(b"envelope");
+            assert_eq!(
+                LogRecord::decode_with_end(&bytes),
+                Ok((header, end, &b"envelope"[..]))
+            );
+            assert_eq!(LogRecord::decode(&bytes), Ok((header, &b"envelope"[..])));
+            assert!(LogRecord::decode(&bytes[..10]).is_err());
+        }
+        // A command section longer than the record is refused, not read past.
+        let mut bytes = header.start(AppendEnd::Closes(b"commands"), 0)?;
+        bytes.truncate(bytes.len() - 1);
+        assert!(LogRecord::decode(&bytes).is_err());
         assert!(LogRecord::decode(b"\x01\xc1garbage").is_err());
         assert!(LogRecord::decode(b"").is_err());
+        Ok(())
     }
 
     #[test]

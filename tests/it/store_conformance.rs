@@ -1197,10 +1197,13 @@ mod sled_only {
     use std::path::Path;
     use std::time::{Duration, Instant};
 
-    use incarnate::{SnapshotCriteria, StoreError, StreamId};
+    use incarnate::{
+        AppendRequest, CommandRecord, RecordedOutcome, SnapshotCriteria, StoreError, StreamId,
+    };
+    use uuid::Uuid;
 
     use super::{bounds, fixture, p, snapshot_fixture};
-    use crate::support::{read_all, sled_harness};
+    use crate::support::{append_n, events_for, payload_of, read_all, sled_harness};
 
     /// The store's single tree (see `src/store/keys.rs` for the layout).
     const TREE: &str = "incarnate";
@@ -1216,6 +1219,136 @@ mod sled_only {
         key.extend_from_slice(id);
         key.extend_from_slice(&sequence.to_be_bytes());
         key
+    }
+
+    /// The key of a command record: `C` + stream + version + command id.
+    fn command_key(stream: &StreamId, version: u64, id: Uuid) -> Vec<u8> {
+        let mut key = stream_record_key(b'C', stream, version);
+        key.extend_from_slice(id.as_bytes());
+        key
+    }
+
+    /// An append of `count` events to P at `expected`, recording one command that emitted them.
+    fn commanded_append(expected: u64, count: u64, id: Uuid) -> (AppendRequest, CommandRecord) {
+        let record = CommandRecord {
+            command_id: id,
+            version: expected + count,
+            outcome: RecordedOutcome::Accepted {
+                first_sequence: expected + 1,
+                last_sequence: expected + count,
+            },
+        };
+        let mut request = AppendRequest::new(p(), expected, events_for(&p(), expected + 1, count));
+        request.record_commands.push(record.clone());
+        (request, record)
+    }
+
+    /// Forgets the stream metadata a clean close wrote (P's `M` record and the meta checkpoint
+    /// `H`): a crash in the middle of a commit leaves the metadata of earlier commits, which
+    /// here wrote none, and the store rebuilds P's from the log.
+    fn forget_metadata(tree: &::sled::Tree) {
+        let mut meta = stream_record_key(b'M', &p(), 0);
+        meta.truncate(meta.len() - 8);
+        assert!(tree.remove(meta).unwrap().is_some());
+        assert!(tree.remove(b"H").unwrap().is_some());
+    }
+
+    /// Runs `f` on the store's tree while nothing holds the database open.
+    fn with_tree<T>(path: &Path, f: impl FnOnce(&::sled::Tree) -> T) -> T {
+        let db = open_raw(path);
+        let tree = db.open_tree(TREE).unwrap();
+        let out = f(&tree);
+        db.flush().unwrap();
+        out
+    }
+
+    /// A crash can cut the log's last append after some of its records (the store writes most
+    /// commits as ordered single inserts). Reopening removes what is left of it, index entry
+    /// included, so the stream ends at its last whole append and the positions are free again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cut_last_append_is_removed_on_reopen() {
+        let mut h = sled_harness();
+        append_n(h.store(), &p(), 0, 63).await;
+        let id = Uuid::now_v7();
+        let (cut, _) = commanded_append(63, 3, id);
+        // Sequences 64..=66 at positions 64..=66; 64 has an index entry.
+        h.store().append(cut).await.unwrap();
+        h.reopen_after(|path| {
+            with_tree(path, |tree| {
+                // What a crash leaves after the append's first two records: its closing record,
+                // its command record and the commit's metadata never reached the disk.
+                forget_metadata(tree);
+                assert!(tree.remove(log_key(66)).unwrap().is_some());
+                assert!(tree.remove(command_key(&p(), 66, id)).unwrap().is_some());
+                assert!(tree
+                    .get(stream_record_key(b'S', &p(), 64))
+                    .unwrap()
+                    .is_some());
+            })
+        })
+        .await;
+        let store = h.store();
+        assert_eq!(store.head(), 63);
+        let slice = read_all(store, &p()).await;
+        assert_eq!((slice.highest_sequence, slice.events.len()), (63, 63));
+        assert_eq!(store.read_log(64, usize::MAX).await.unwrap().len(), 0);
+        assert!(store.command_records(&p()).await.unwrap().is_empty());
+        h.reopen_after(|path| {
+            with_tree(path, |tree| {
+                for key in [log_key(64), log_key(65), stream_record_key(b'S', &p(), 64)] {
+                    assert!(
+                        tree.get(key).unwrap().is_none(),
+                        "a cut append's record stayed"
+                    );
+                }
+            })
+        })
+        .await;
+        // The sequences and positions are taken again, and read through the new index entry.
+        let store = h.store();
+        let again = append_n(store, &p(), 63, 3).await;
+        assert_eq!((again.first_position, again.last_sequence), (64, 66));
+        let window = store.read_stream(&p(), 64, 64, usize::MAX).await.unwrap();
+        assert_eq!(window.events.len(), 1);
+        assert_eq!(window.events[0].payload, payload_of(&p(), 64));
+        assert_eq!(window.events[0].position, 64);
+        h.close().await;
+    }
+
+    /// A crash right after an append's closing record loses what follows it: its index entry
+    /// and its command records. Reopening writes them again from the closing record, so a
+    /// retried command is still recognised.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_last_append_cut_after_its_closing_record_gets_its_followers_back() {
+        let mut h = sled_harness();
+        append_n(h.store(), &p(), 0, 61).await;
+        let id = Uuid::now_v7();
+        // Sequences 62..=64: the closing one has an index entry.
+        let (request, record) = commanded_append(61, 3, id);
+        h.store().append(request).await.unwrap();
+        h.reopen_after(|path| {
+            with_tree(path, |tree| {
+                forget_metadata(tree);
+                assert!(tree.remove(command_key(&p(), 64, id)).unwrap().is_some());
+                assert!(tree
+                    .remove(stream_record_key(b'S', &p(), 64))
+                    .unwrap()
+                    .is_some());
+            })
+        })
+        .await;
+        let store = h.store();
+        assert_eq!(store.command_records(&p()).await.unwrap(), vec![record]);
+        let slice = read_all(store, &p()).await;
+        assert_eq!((slice.highest_sequence, slice.events.len()), (64, 64));
+        h.reopen_after(|path| {
+            with_tree(path, |tree| {
+                let entry = tree.get(stream_record_key(b'S', &p(), 64)).unwrap();
+                assert_eq!(entry.as_deref(), Some(&64u64.to_be_bytes()[..]));
+            })
+        })
+        .await;
+        h.close().await;
     }
 
     fn log_key(position: u64) -> Vec<u8> {
@@ -1268,6 +1401,27 @@ mod sled_only {
         }
     }
 
+    /// A database of the previous layout (2) opens, reads, and is stamped with the current one
+    /// before anything is written in it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_database_of_layout_2_is_upgraded_in_place() {
+        let mut h = sled_harness();
+        fixture(h.store()).await;
+        h.reopen_after(|path| {
+            with_tree(path, |tree| {
+                tree.insert(b"V", &2u32.to_be_bytes()).unwrap();
+            })
+        })
+        .await;
+        assert_eq!(read_all(h.store(), &p()).await.events.len(), 5);
+        h.reopen_after(|path| {
+            let found = with_tree(path, |tree| tree.get(b"V").unwrap());
+            assert_eq!(found.as_deref(), Some(&3u32.to_be_bytes()[..]));
+        })
+        .await;
+        h.close().await;
+    }
+
     /// A database of another store layout is refused with a typed error, and left as it was.
     #[test]
     fn a_database_of_another_layout_is_refused_untouched() {
@@ -1286,7 +1440,7 @@ mod sled_only {
             match opened {
                 Err(StoreError::Invalid(reason)) => {
                     assert!(reason.contains(found), "{reason}");
-                    assert!(reason.contains("reads layout 2"), "{reason}");
+                    assert!(reason.contains("reads layout 3"), "{reason}");
                 }
                 Err(other) => panic!("expected a layout error, got {other:?}"),
                 Ok(_) => panic!("a database of {found} was opened"),

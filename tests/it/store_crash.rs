@@ -1,5 +1,6 @@
 //! J7 under a real crash: a child process appends in `sync` mode and is SIGKILLed mid-write;
-//! after reopening, every acknowledged append is there and no multi-event append is partial.
+//! after reopening, every acknowledged append is there, no multi-event append is partial, and
+//! every append that survived kept the command record committed with it.
 //!
 //! The child is this test binary run again on the ignored test [`crash_child`], with the database
 //! path in [`CHILD_ENV`]. It prints `ACK <writer> <last sequence>` (flushed) after each
@@ -14,7 +15,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use incarnate::{AppendRequest, EventStore, SledStore, StreamId};
+use incarnate::{AppendRequest, CommandRecord, EventStore, RecordedOutcome, SledStore, StreamId};
 
 use crate::crash_child::{child_env, emit, seed, CrashChild, Rng};
 use crate::support::{account, events_for, open_sled, payload_of, read_all, read_whole_log};
@@ -94,6 +95,27 @@ async fn check_recovered(path: &Path, acked: &[u64], context: &str) {
             assert_eq!(e.sequence, sequence, "{context}: writer {w} is not dense");
             assert_eq!(e.payload, payload_of(&stream, sequence), "{context}");
         }
+        // The store writes an append's command records after its closing event: a crash
+        // between them must not lose them, or a retried command would run twice.
+        let records = store.command_records(&stream).await.unwrap();
+        let versions: Vec<u64> = records.iter().map(|r| r.version).collect();
+        let expected: Vec<u64> = (1..=highest / EVENTS_PER_APPEND)
+            .map(|n| n * EVENTS_PER_APPEND)
+            .collect();
+        assert_eq!(
+            versions, expected,
+            "{context}: writer {w}'s command records"
+        );
+        for record in &records {
+            assert_eq!(
+                record.outcome,
+                RecordedOutcome::Accepted {
+                    first_sequence: record.version - EVENTS_PER_APPEND + 1,
+                    last_sequence: record.version,
+                },
+                "{context}: writer {w}"
+            );
+        }
         by_stream.insert(stream, highest);
         total += highest;
     }
@@ -139,10 +161,16 @@ async fn child_writer(store: Arc<SledStore>, w: usize) {
     let mut version = store.highest_sequence(&stream).await.unwrap();
     for _ in 0..MAX_APPENDS_PER_WRITER {
         let events = events_for(&stream, version + 1, EVENTS_PER_APPEND);
-        let done = store
-            .append(AppendRequest::new(stream.clone(), version, events))
-            .await
-            .unwrap();
+        let mut request = AppendRequest::new(stream.clone(), version, events);
+        request.record_commands.push(CommandRecord {
+            command_id: uuid::Uuid::now_v7(),
+            version: version + EVENTS_PER_APPEND,
+            outcome: RecordedOutcome::Accepted {
+                first_sequence: version + 1,
+                last_sequence: version + EVENTS_PER_APPEND,
+            },
+        });
+        let done = store.append(request).await.unwrap();
         version = done.last_sequence;
         emit(format_args!("ACK {w} {version}"));
     }

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::chain::{self, DirtyMetas};
 use super::{decode_log_record, Durability, SledStoreConfig, MAX_RECORD_BYTES};
 use crate::domain::StreamId;
-use crate::store::keys::{self, LogRecord, StreamMeta};
+use crate::store::keys::{self, AppendEnd, LogRecord, StreamMeta};
 use crate::store::{
     now_micros, AppendRequest, AppendResult, EventEnvelope, KvWrite, SnapshotCriteria,
     SnapshotRecord, StoreError,
@@ -123,6 +123,9 @@ pub(super) struct Committer {
     /// yet spent: commits are often smaller than that, and a per-commit minimum would make the
     /// metadata cost more sled inserts than the events themselves.
     meta_credit: usize,
+    /// Why the store stopped taking writes: a plain commit failed part-way, so the tree holds
+    /// part of it until a reopen repairs the log's tail.
+    failed: Option<String>,
 }
 
 /// Streams whose metadata the committer keeps in memory before it drops the clean ones.
@@ -137,9 +140,16 @@ const META_LAG: u64 = 1 << 18;
 /// checkpoint trails the head by about `D * EVENTS_PER_META_WRITE` events (or [`META_LAG`]).
 const EVENTS_PER_META_WRITE: usize = 8;
 
+/// One planned write: a value to insert, or `None` to remove the key.
+type Write = (sled::IVec, Option<Vec<u8>>);
+
 /// The writes of one group commit, planned before they are applied.
 struct Plan {
-    batch: sled::Batch,
+    /// In the order the plain path inserts them (see [`Committer::commit`]).
+    writes: Vec<Write>,
+    /// Whether the writes must be applied as one atomic batch: deletions, snapshots and
+    /// key-value writes have no recovery of their own for a partial commit.
+    atomic: bool,
     /// Stream metadata as this batch leaves it, so several appends to one stream in one batch
     /// see each other.
     metas: HashMap<Vec<u8>, StreamMeta, foldhash::fast::RandomState>,
@@ -154,7 +164,7 @@ struct Plan {
     deletions: Vec<Vec<u8>>,
     /// One append's rows before they join the batch (all or none of them do); kept to reuse its
     /// buffer across the appends of a commit.
-    rows: Vec<(sled::IVec, Vec<u8>)>,
+    rows: Vec<Write>,
 }
 
 impl Committer {
@@ -179,6 +189,7 @@ impl Committer {
             dirty_order: VecDeque::new(),
             meta_checkpoint: 0,
             meta_credit: 0,
+            failed: None,
         }
     }
 
@@ -256,7 +267,8 @@ impl Committer {
                 }
             }
             let mut plan = Plan {
-                batch: sled::Batch::default(),
+                writes: Vec::with_capacity(ops.len() * 2),
+                atomic: false,
                 metas: HashMap::default(),
                 newly_dirty: Vec::new(),
                 events: 0,
@@ -281,7 +293,7 @@ impl Committer {
         // Refuse whatever is still queued, then make everything durable before the handles go.
         rx.close();
         while let Ok(op) = rx.try_recv() {
-            reject_closed(op);
+            reject(op, || StoreError::Closed);
         }
         drop(flusher);
         // Every batch the syncer holds is synced and answered before the last sync.
@@ -370,6 +382,10 @@ impl Committer {
     }
 
     fn plan(&mut self, op: WriteOp, plan: &mut Plan) {
+        if let Some(reason) = &self.failed {
+            let reason = format!("the store failed a write and must be reopened: {reason}");
+            return reject(op, || StoreError::Storage(reason.clone()));
+        }
         match op {
             WriteOp::Append { request, reply } => {
                 let result = self.plan_append(request, plan);
@@ -387,8 +403,9 @@ impl Committer {
                 let result = keys::stream_key(keys::SNAPSHOT, &snapshot.stream).and_then(|base| {
                     let bytes = snapshot.encode()?;
                     check_size(bytes.len(), "snapshot")?;
-                    plan.batch
-                        .insert(keys::with_u64(&base, snapshot.sequence), bytes);
+                    plan.writes
+                        .push((keys::with_u64(&base, snapshot.sequence).into(), Some(bytes)));
+                    plan.atomic = true;
                     plan.dirty = true;
                     Ok(())
                 });
@@ -483,27 +500,47 @@ impl Committer {
             Vec::new()
         };
         let timestamp = now_micros();
-        // Keys of up to 22 bytes (every log key) are stored inline in an `IVec`: no allocation.
+        // The closing record carries the command records too: the plain path writes the
+        // separate ones after it, and a crash in between must not lose them (`repair.rs`).
+        let embedded = if record_commands.is_empty() || events.is_empty() {
+            Vec::new()
+        } else {
+            rmp_serde::to_vec(&record_commands).map_err(|source| StoreError::Encode {
+                what: "command records",
+                source,
+            })?
+        };
+        // The order of the rows is the order the plain path writes them in, which crash
+        // recovery relies on: each event's log record before its index entry, the closing
+        // record before the command records. Keys of up to 22 bytes (every log key) are
+        // stored inline in an `IVec`: no allocation.
         let rows = &mut plan.rows;
         rows.clear();
         let first_position = plan.next_head + 1;
         let mut position = plan.next_head;
         let mut sequence = meta.highest;
         let mut previous = meta.last_position;
-        for event in events {
+        let count = events.len();
+        for (i, event) in events.into_iter().enumerate() {
             sequence += 1;
             position += 1;
             last_event = Some(event.event_id);
             let envelope =
                 EventEnvelope::from_new(event, stream.clone(), sequence, position, timestamp);
-            let mut record = LogRecord { sequence, previous }.start(envelope.encoded_len_hint());
+            let end = if i + 1 == count {
+                AppendEnd::Closes(&embedded)
+            } else {
+                AppendEnd::Continues
+            };
+            let mut record =
+                LogRecord { sequence, previous }.start(end, envelope.encoded_len_hint())?;
             envelope.encode_into(&mut record)?;
             check_size(record.len(), "event")?;
-            rows.push((sled::IVec::from(&keys::log_key(position)[..]), record));
+            rows.push((sled::IVec::from(&keys::log_key(position)[..]), Some(record)));
             if sequence % keys::INDEX_STRIDE == 0 {
                 rows.push((
                     keys::with_u64(&index_base, sequence).into(),
-                    position.to_be_bytes().to_vec(),
+                    Some(position.to_be_bytes().to_vec()),
                 ));
             }
             previous = position;
@@ -514,18 +551,15 @@ impl Committer {
             keys::stream_key(keys::COMMAND, &stream)?
         };
         for record in &record_commands {
-            let mut key = keys::with_u64(&command_base, record.version);
-            key.extend_from_slice(record.command_id.as_bytes());
-            rows.push((key.into(), record.encode()?));
-        }
-        for (k, v) in rows.drain(..) {
-            plan.batch.insert(k, v);
+            rows.push((
+                keys::command_key(&command_base, record.version, record.command_id).into(),
+                Some(record.encode()?),
+            ));
         }
         for (version, id) in forget_commands {
-            let mut key = keys::with_u64(&command_base, version);
-            key.extend_from_slice(id.as_bytes());
-            plan.batch.remove(key);
+            rows.push((keys::command_key(&command_base, version, id).into(), None));
         }
+        plan.writes.append(rows);
         let result = AppendResult {
             first_sequence: meta.highest + 1,
             last_sequence: sequence,
@@ -561,14 +595,15 @@ impl Committer {
         }
         let walk = chain::walk(&self.tree, stream, &meta, meta.deleted_to + 1, to)?;
         for hop in &walk.hops {
-            plan.batch.remove(keys::log_key(hop.position).to_vec());
+            plan.writes
+                .push((keys::log_key(hop.position)[..].into(), None));
         }
         if let Some((sequence, position, err)) = walk.broken {
             // The chain cannot be followed below a corrupt or missing record: remove what it
             // reaches (the corrupt record included) and leave the older, unreachable events in
             // the log. The stream reads correctly either way: its window starts above `to`.
             if sequence <= to {
-                plan.batch.remove(keys::log_key(position).to_vec());
+                plan.writes.push((keys::log_key(position)[..].into(), None));
             }
             tracing::warn!(
                 %stream, sequence, error = %err,
@@ -579,10 +614,12 @@ impl Committer {
         let range = keys::with_u64(&base, meta.deleted_to + 1)..=keys::with_u64(&base, to);
         for item in self.tree.range(range) {
             let (key, _) = item?;
-            plan.batch.remove(key);
+            plan.writes.push((key, None));
         }
         meta.deleted_to = to;
-        plan.batch.insert(meta_key.clone(), meta.encode().to_vec());
+        plan.writes
+            .push((meta_key.as_slice().into(), Some(meta.encode().to_vec())));
+        plan.atomic = true;
         plan.deletions.push(meta_key.clone());
         plan.metas.insert(meta_key, meta);
         plan.dirty = true;
@@ -613,9 +650,9 @@ impl Committer {
             }
         }
         let deleted = doomed.len() as u64;
-        for key in doomed {
-            plan.batch.remove(key);
-        }
+        plan.writes
+            .extend(doomed.into_iter().map(|key| (key, None)));
+        plan.atomic |= deleted > 0;
         plan.dirty |= deleted > 0;
         Ok(deleted)
     }
@@ -644,12 +681,9 @@ impl Committer {
                 }
             }
         }
-        for (key, value) in rows {
-            match value {
-                Some(v) => plan.batch.insert(key, v),
-                None => plan.batch.remove(key),
-            }
-        }
+        plan.writes
+            .extend(rows.into_iter().map(|(key, value)| (key.into(), value)));
+        plan.atomic = true;
         plan.dirty = true;
         Ok(())
     }
@@ -668,14 +702,21 @@ impl Committer {
         if plan.dirty {
             if !plan.deletions.is_empty() {
                 // Removed records may include the log's last: the head must outlive them.
-                plan.batch
-                    .insert(keys::HEAD, plan.next_head.to_be_bytes().to_vec());
+                plan.writes.push((
+                    keys::HEAD.into(),
+                    Some(plan.next_head.to_be_bytes().to_vec()),
+                ));
             }
-            outcome = self
-                .tree
-                .apply_batch(std::mem::take(&mut plan.batch))
-                .map_err(StoreError::from);
+            let written;
+            (outcome, written) = self.apply(&mut plan);
             applied = outcome.is_ok();
+            if !applied && written > 0 {
+                // Part of a plain commit is in the tree and may reach the disk: its positions
+                // are taken, and only a reopen (which repairs the log's tail) makes the store
+                // whole again.
+                self.head = plan.next_head;
+                self.failed = outcome.as_ref().err().map(ToString::to_string);
+            }
         }
         // Once applied, the batch's positions are taken whatever the fsync says: reusing them
         // would overwrite events that may already be on disk. Its callers still get an error,
@@ -713,6 +754,34 @@ impl Committer {
                 finish(vec![done], acks.head_tx(), synced);
             }
         }
+    }
+
+    /// Writes the plan's rows: as one atomic `apply_batch` where the plan needs it, else as
+    /// single inserts in the plan's order. sled makes every batch roll and write an I/O buffer
+    /// (and wait for it to be handed over), which costs a small commit more than its inserts;
+    /// single inserts share buffers across commits, and `repair.rs` completes or removes an
+    /// append a crash cut. Returns the outcome and how many rows reached the tree.
+    fn apply(&self, plan: &mut Plan) -> (Result<(), StoreError>, usize) {
+        if plan.atomic {
+            let mut batch = sled::Batch::default();
+            for (key, value) in plan.writes.drain(..) {
+                match value {
+                    Some(value) => batch.insert(key, value),
+                    None => batch.remove(key),
+                }
+            }
+            return (self.tree.apply_batch(batch).map_err(StoreError::from), 0);
+        }
+        for (written, (key, value)) in plan.writes.drain(..).enumerate() {
+            let done = match value {
+                Some(value) => self.tree.insert(key, value).map(drop),
+                None => self.tree.remove(key).map(drop),
+            };
+            if let Err(e) = done {
+                return (Err(e.into()), written);
+            }
+        }
+        (Ok(()), 0)
     }
 
     /// Raises the deletion watermark readers see for the dirty streams whose watermark `plan`
@@ -768,11 +837,16 @@ impl Committer {
         };
         let checkpoint = first_unwritten.map_or(plan.next_head, |since| since - 1);
         if !rows.is_empty() || checkpoint != self.meta_checkpoint {
-            for (key, value) in rows {
-                plan.batch.insert(key, value);
-            }
-            plan.batch
-                .insert(keys::META_CHECKPOINT, checkpoint.to_be_bytes().to_vec());
+            // After every log record they describe, so a crash that keeps them kept those too;
+            // the checkpoint last, after the records it vouches for.
+            plan.writes.extend(
+                rows.into_iter()
+                    .map(|(key, value)| (key.into(), Some(value))),
+            );
+            plan.writes.push((
+                keys::META_CHECKPOINT.into(),
+                Some(checkpoint.to_be_bytes().to_vec()),
+            ));
             plan.dirty = true;
         }
         if write_all {
@@ -886,7 +960,7 @@ fn finish(
 }
 
 /// Flushes sled's buffers, then fsyncs the data file (see `SledStore::open` for why both).
-fn flush_and_sync(db: &sled::Db, data_file: &File) -> Result<(), StoreError> {
+pub(super) fn flush_and_sync(db: &sled::Db, data_file: &File) -> Result<(), StoreError> {
     db.flush()?;
     data_file.sync_data()?;
     Ok(())
@@ -901,14 +975,15 @@ fn check_size(len: usize, what: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn reject_closed(op: WriteOp) {
+/// Answers `op` with `err()` without doing it.
+fn reject(op: WriteOp, err: impl Fn() -> StoreError) {
     match op {
-        WriteOp::Append { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
-        WriteOp::DeleteSnapshots { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
+        WriteOp::Append { reply, .. } => drop(reply.send(Err(err()))),
+        WriteOp::DeleteSnapshots { reply, .. } => drop(reply.send(Err(err()))),
         WriteOp::DeleteTo { reply, .. }
         | WriteOp::SaveSnapshot { reply, .. }
         | WriteOp::Kv { reply, .. }
         | WriteOp::Flush { reply }
-        | WriteOp::Shutdown { reply } => drop(reply.send(Err(StoreError::Closed))),
+        | WriteOp::Shutdown { reply } => drop(reply.send(Err(err()))),
     }
 }

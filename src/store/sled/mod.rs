@@ -1,12 +1,14 @@
 //! The embedded event store on sled 0.34.
 //!
 //! One committer thread owns every write: it drains whatever requests are queued, validates them
-//! against stream metadata, assigns sequence numbers and global positions, writes them with one
-//! atomic `apply_batch`, makes the batch durable once (group commit), publishes the new head and
-//! only then replies. Reads run on tokio's blocking pool, never on an executor or arbiter thread.
+//! against stream metadata, assigns sequence numbers and global positions, writes them (as
+//! ordered single inserts that crash recovery completes, `repair.rs`, or one atomic
+//! `apply_batch` where a commit deletes or writes snapshots or key-value entries), makes them
+//! durable once (group commit), publishes the new head and only then replies. Reads run on tokio's blocking pool, never on an executor or arbiter thread.
 
 mod chain;
 mod committer;
+mod repair;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -131,6 +133,15 @@ impl SledStore {
         let data_file = File::open(config.path.join("db"))?;
         File::open(&config.path)?.sync_all()?;
         check_layout(&tree)?;
+        let repair = repair::repair_tail(&tree)?;
+        if repair.changed() {
+            tracing::info!(
+                removed = repair.removed,
+                restored = repair.restored,
+                "completed the log's tail after a crash"
+            );
+            committer::flush_and_sync(&db, &data_file)?;
+        }
 
         let head = stored_head(&tree)?;
         let (head_tx, head_rx) = watch::channel(head);
@@ -241,10 +252,17 @@ fn check_layout(tree: &sled::Tree) -> Result<(), StoreError> {
     };
     if found == keys::LAYOUT_VERSION {
         Ok(())
+    } else if found == keys::UPGRADABLE_LAYOUT {
+        // Stamped before anything of the new layout is written, so an older build refuses the
+        // database instead of meeting records it cannot read.
+        tree.insert(keys::LAYOUT, &keys::LAYOUT_VERSION.to_be_bytes())?;
+        tree.flush()?;
+        Ok(())
     } else {
         Err(StoreError::Invalid(format!(
-            "the database uses store layout {found}; this build reads layout {}",
-            keys::LAYOUT_VERSION
+            "the database uses store layout {found}; this build reads layout {} (and upgrades {})",
+            keys::LAYOUT_VERSION,
+            keys::UPGRADABLE_LAYOUT
         )))
     }
 }
