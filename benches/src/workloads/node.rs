@@ -71,11 +71,27 @@ pub(crate) const LOG_HEADER: usize = 17;
 
 /// The stream sequence and previous position in a log record's header.
 pub(crate) fn record_header(bytes: &[u8]) -> Result<(u64, u64), BoxError> {
+    record_parts(bytes).map(|(sequence, previous, _)| (sequence, previous))
+}
+
+/// A log record's sequence, previous position and encoded envelope, read as the store reads
+/// them: format 2 closes its append, 3 is followed by more of it, 4 closes it and carries the
+/// append's command records (a `u32` length, then the records) before the envelope.
+fn record_parts(bytes: &[u8]) -> Result<(u64, u64, &[u8]), BoxError> {
     let number = |at: usize| -> Option<u64> {
         Some(u64::from_be_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
     };
-    match (bytes.first(), number(1), number(9)) {
-        (Some(2), Some(sequence), Some(previous)) => Ok((sequence, previous)),
+    let rest = bytes.get(LOG_HEADER..).unwrap_or_default();
+    let envelope = match bytes.first() {
+        Some(2 | 3) => Some(rest),
+        Some(4) => rest
+            .get(..4)
+            .and_then(|len| Some(u32::from_be_bytes(len.try_into().ok()?) as usize))
+            .and_then(|len| rest.get(4 + len..)),
+        _ => None,
+    };
+    match (envelope, number(1), number(9)) {
+        (Some(envelope), Some(sequence), Some(previous)) => Ok((sequence, previous, envelope)),
         _ => Err("unknown log record format".into()),
     }
 }
@@ -268,8 +284,8 @@ pub(crate) fn reopen_raw(path: &Path) -> Result<sled::Db, BoxError> {
 
 /// Decodes one stored log record (format tag + rmp-serde envelope) as the store does.
 pub(crate) fn decode_record(bytes: &[u8]) -> Result<EventEnvelope, BoxError> {
-    record_header(bytes)?;
-    match bytes.get(LOG_HEADER..).unwrap_or_default().split_first() {
+    let (_, _, envelope) = record_parts(bytes)?;
+    match envelope.split_first() {
         Some((1, rest)) => Ok(rmp_serde::from_slice(rest)?),
         _ => Err("unknown envelope format".into()),
     }
@@ -299,6 +315,38 @@ mod tests {
         })?;
         let estimate = deposit_record_len()?;
         assert!(estimate.abs_diff(stored) <= 4, "{estimate} vs {stored}");
+        Ok(())
+    }
+
+    /// The raw baselines decode every record format the store writes, the closing record that
+    /// carries command records included, to the envelopes the store itself reads.
+    #[test]
+    fn decode_record_reads_every_record_the_store_writes() -> Result<(), BoxError> {
+        let dir = tempfile::tempdir()?;
+        let tokio = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        let rt = runtime_at(dir.path(), DurabilityMode::Buffered, |_| {})?;
+        let read = tokio.block_on(async {
+            rt.send::<Account>(account_id(1), open()).await?;
+            let options = incarnate::CommandOptions::new().command_id(uuid::Uuid::now_v7());
+            rt.send_with::<Account>(account_id(1), deposit(), options)
+                .await?;
+            let log = rt.store().read_log(1, usize::MAX).await?;
+            rt.shutdown().await?;
+            Ok::<_, BoxError>(log)
+        })?;
+        let db = reopen_raw(dir.path())?;
+        let tree = db.open_tree("incarnate")?;
+        let mut decoded = Vec::new();
+        for item in tree.scan_prefix(b"L") {
+            decoded.push(decode_record(&item?.1)?);
+        }
+        assert_eq!(decoded.len(), 2);
+        assert_eq!(decoded, read);
+        // The deposit's record carries its command record (format 4).
+        let second = tree.get(b"L\0\0\0\0\0\0\0\x02")?.ok_or("no record at 2")?;
+        assert_eq!(second.first(), Some(&4));
         Ok(())
     }
 }
