@@ -21,6 +21,11 @@
 //! Nothing else can be incomplete: anything written after the cut is gone with it, and anything
 //! written before it is there. The repair runs before the store computes its head and rebuilds
 //! stream metadata, and is idempotent (a crash during it is repaired by the next open).
+//!
+//! Restoring from the last closing record can also bring back a command record that a later
+//! append without events (a rejection that trimmed the dedup window) had removed: a true record
+//! of a command that did run, one more than the window, which the runtime trims when it loads
+//! the records.
 
 use crate::domain::StreamId;
 use crate::store::keys::{self, AppendEnd, LogRecord};
