@@ -162,8 +162,8 @@ struct Plan {
     force_sync: bool,
     /// Streams whose deletion watermark this batch raises.
     deletions: Vec<Vec<u8>>,
-    /// One append's rows before they join the batch (all or none of them do); kept to reuse its
-    /// buffer across the appends of a commit.
+    /// One append's rows before they join the plan's writes (all or none of them do); kept to
+    /// reuse its buffer across the appends of a commit.
     rows: Vec<Write>,
 }
 
@@ -491,7 +491,8 @@ impl Committer {
             });
         }
         let mut last_event = meta.last_event;
-        // Encode everything before touching the batch, so a failure leaves no partial append.
+        // Encode everything before touching the plan's writes, so a failure leaves no partial
+        // append.
         // Only an append that reaches a multiple of the stride writes an index entry.
         let last = meta.highest + events.len() as u64;
         let index_base = if last / keys::INDEX_STRIDE > meta.highest / keys::INDEX_STRIDE {
@@ -688,8 +689,8 @@ impl Committer {
         Ok(())
     }
 
-    /// Applies the plan atomically, makes it durable as configured, publishes the new head and
-    /// replies. Replies go out only after the head moved, so a caller that reads the log after
+    /// Writes the plan (see [`Self::apply`]), makes it durable as configured, publishes the new
+    /// head and replies. Replies go out only after the head moved, so a caller that reads the log after
     /// its append always sees it.
     fn commit(&mut self, mut plan: Plan) {
         let metas_written = self.plan_meta_writes(&mut plan);

@@ -63,13 +63,14 @@ pub(super) fn repair_tail(tree: &sled::Tree) -> Result<TailRepair, StoreError> {
             // Not ours to judge here: opening reports it when it rebuilds stream metadata.
             Err(_) => return Ok(repair),
         };
-        let stream = EventEnvelope::decode(envelope, &log_stream(), position).map(|e| e.stream);
+        // Decoded only where a key needs the stream.
+        let stream = || EventEnvelope::decode(envelope, &log_stream(), position).map(|e| e.stream);
         match end {
             AppendEnd::Continues => {
                 // The index entry first: a crash between the two leaves the record, which the
                 // next open removes, never an entry pointing at nothing.
                 if header.sequence % keys::INDEX_STRIDE == 0 {
-                    match &stream {
+                    match &stream() {
                         Ok(stream) => tree.remove(index_key(stream, header.sequence)?).map(drop)?,
                         Err(e) => tracing::warn!(
                             position, error = %e,
@@ -81,7 +82,7 @@ pub(super) fn repair_tail(tree: &sled::Tree) -> Result<TailRepair, StoreError> {
                 repair.removed += 1;
             }
             AppendEnd::Closes(commands) => {
-                let stream = match stream {
+                let stream = match stream() {
                     Ok(stream) => stream,
                     Err(e) => {
                         // Reading it reports the damage; there is no stream to restore for.
