@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo run --release -p incarnate-bench -- [--quick] [--json FILE] [--only NAME]
+//!                                           [--perf-control FIFO]
 //! ```
 //!
 //! Every workload measures incarnate and a raw baseline (usually sled used directly, the ceiling
@@ -54,6 +55,13 @@ struct Args {
     #[arg(long, hide = true)]
     incarnate_only: bool,
 
+    /// Write `enable` / `disable` to FIFO around each timed command load (of `durable_many`,
+    /// `durable_hot`, `buffered_many` and `latency_sync`), for `perf record -D -1
+    /// --control=fifo:FIFO`: a profile of the timed phase alone, without the untimed
+    /// activation of 10,000 aggregates that precedes it.
+    #[arg(long, value_name = "FIFO")]
+    perf_control: Option<PathBuf>,
+
     /// Internal: the child process of `memory_per_live`, activating N aggregates.
     #[arg(long, value_name = "N", hide = true)]
     memory_child: Option<usize>,
@@ -101,6 +109,9 @@ fn run(args: Args) -> Result<(), BoxError> {
     let settings = Settings::new(args.quick);
     workloads::support::INCARNATE_ONLY
         .store(args.incarnate_only, std::sync::atomic::Ordering::Relaxed);
+    if let Some(fifo) = args.perf_control {
+        workloads::support::PERF_CONTROL.get_or_init(|| fifo);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -104,14 +104,14 @@ fn open_loop(runtime: &Runtime, rate: f64, commands: usize) -> Result<Vec<f64>, 
     let rt = runtime_at(dir.path(), DurabilityMode::Sync, |_| {})?;
     let result = runtime.block_on(async {
         open_all(&rt, AGGREGATES, CALLERS).await?;
-        let latencies = support::open_loop(rate, commands, |n| {
+        let latencies = support::profiled(support::open_loop(rate, commands, |n| {
             let rt = rt.clone();
             let id = account_id(n % AGGREGATES);
             async move {
                 rt.send::<Account>(id, deposit()).await?;
                 Ok(())
             }
-        })
+        }))
         .await?;
         rt.shutdown().await?;
         Ok::<_, BoxError>(latencies)

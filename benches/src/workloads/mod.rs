@@ -8,6 +8,7 @@ pub(crate) mod durable_hot;
 pub(crate) mod durable_many;
 pub(crate) mod floor;
 pub(crate) mod latency_sync;
+pub(crate) mod log_chunks;
 pub(crate) mod memory_per_live;
 pub(crate) mod node;
 pub(crate) mod peer_cqrs_es;
@@ -32,6 +33,7 @@ pub(crate) fn all() -> Vec<Workload> {
         buffered_many::WORKLOAD,
         latency_sync::WORKLOAD,
         floor::WORKLOAD,
+        log_chunks::WORKLOAD,
         activation_flat::WORKLOAD,
         replay_cost::WORKLOAD,
         memory_per_live::WORKLOAD,

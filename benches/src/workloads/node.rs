@@ -10,7 +10,7 @@ use incarnate::{Causation, Config, DurabilityMode, EventEnvelope, StreamId};
 use incarnate_actors::{Account, AccountCommand, AccountEvent};
 use tokio::runtime::Runtime as Tokio;
 
-use super::support::open_raw_sled;
+use super::support::{open_raw_sled, profiled};
 use crate::BoxError;
 
 /// The id of account number `n`.
@@ -174,7 +174,7 @@ pub(crate) fn command_rate(
     })?;
     let result = tokio.block_on(async {
         open_all(&rt, aggregates, callers).await?;
-        let elapsed = deposits(&rt, aggregates, callers, commands).await?;
+        let elapsed = profiled(deposits(&rt, aggregates, callers, commands)).await?;
         let head = rt.store().head();
         rt.shutdown().await?;
         let expected = (aggregates + commands) as u64;

@@ -1,8 +1,9 @@
 //! Pieces shared by the workloads: the payload, the appenders, raw sled.
 
-use std::path::Path;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use incarnate::{
@@ -53,6 +54,28 @@ pub(crate) fn rate(events: usize, elapsed: Duration) -> f64 {
 
 /// Set by the hidden `--incarnate-only` flag: [`alternate`] skips the baselines.
 pub(crate) static INCARNATE_ONLY: AtomicBool = AtomicBool::new(false);
+
+/// Set by `--perf-control FIFO`: [`profiled`] switches a `perf record --control` session on and
+/// off through it.
+pub(crate) static PERF_CONTROL: OnceLock<PathBuf> = OnceLock::new();
+
+/// Runs the timed phase `phase`, with the profiler listening on [`PERF_CONTROL`] (if any)
+/// enabled for exactly its duration.
+pub(crate) async fn profiled<T>(
+    phase: impl std::future::Future<Output = Result<T, BoxError>>,
+) -> Result<T, BoxError> {
+    let control = |command: &[u8]| -> Result<(), BoxError> {
+        if let Some(fifo) = PERF_CONTROL.get() {
+            let mut fifo = std::fs::OpenOptions::new().write(true).open(fifo)?;
+            fifo.write_all(command)?;
+        }
+        Ok(())
+    };
+    control(b"enable\n")?;
+    let result = phase.await;
+    control(b"disable\n")?;
+    result
+}
 
 /// Runs `a` then `b` in even rounds and `b` then `a` in odd ones, so drift during a round (a
 /// noisy neighbour, the page cache filling) does not always favour the same side.
