@@ -6,9 +6,10 @@
 //! prefix names each record family; numbers are big-endian so byte order equals numeric order
 //! and range scans are the fast path.
 //!
-//! An append writes **one record per event**, keyed by global position, so a group commit's
-//! inserts land at the right edge of the tree one after the other. Inserting at random keys is
-//! what sled does slowest (a root-to-leaf descent and a copy of the leaf each), so the per-stream
+//! The log holds **one record per event**, keyed by global position, and a commit stores the
+//! records of its appends as chunks, one sled insert each, at the right edge of the tree (see
+//! `store/sled/log.rs`). Inserting at random keys is what sled does slowest (a root-to-leaf
+//! descent and a copy of the leaf each), so the per-stream
 //! structures avoid one per event: each log record carries its stream sequence and the position of
 //! the stream's previous event (a back-chain), the stream index keeps every
 //! [`INDEX_STRIDE`]-th event only (so a window is found within `INDEX_STRIDE` hops), and stream
@@ -20,8 +21,8 @@ use crate::domain::StreamId;
 
 use super::StoreError;
 
-/// `L` + position → [`LogRecord`] header + encoded envelope: the global log, the one copy of each
-/// event.
+/// `L` + position → a chunk of log records keyed by its first record's position, or one
+/// [`LogRecord`] header + encoded envelope: the global log, the one copy of each event.
 pub(crate) const LOG: u8 = b'L';
 /// `S` + stream + sequence → position: the sparse per-stream index (every
 /// [`INDEX_STRIDE`]-th sequence).
@@ -43,10 +44,11 @@ pub(crate) const META_CHECKPOINT: &[u8] = b"H";
 /// `V` → the layout version of the database ([`LAYOUT_VERSION`]).
 pub(crate) const LAYOUT: &[u8] = b"V";
 /// The layout this build writes.
-pub(crate) const LAYOUT_VERSION: u32 = 3;
-/// The older layout this build reads and upgrades in place: its log records are all of the
-/// format that closes an append without command records, which layout 3 still reads.
-pub(crate) const UPGRADABLE_LAYOUT: u32 = 2;
+pub(crate) const LAYOUT_VERSION: u32 = 4;
+/// The older layouts this build reads and upgrades in place. They stored one log record per
+/// value, which layout 4 reads as a chunk of one (see `store/sled/log.rs`); layout 2's records
+/// are all of the format that closes an append without command records.
+pub(crate) const UPGRADABLE_LAYOUTS: &[u32] = &[2, 3];
 /// The sparse stream index holds the sequences divisible by this.
 pub(crate) const INDEX_STRIDE: u64 = 64;
 /// Format tag, sequence and previous position.
@@ -165,9 +167,9 @@ pub(crate) struct LogRecord {
     pub(crate) previous: u64,
 }
 
-/// Where a log record stands in its append. Commits are written as ordered single-key inserts
-/// (see `store/sled/repair.rs`), so after a crash the log's last append may lack its closing
-/// record: every record before it says so.
+/// Where a log record stands in its append. An append too big for a chunk is written as ordered
+/// single-record values (see `store/sled/repair.rs`), so after a crash the log's last append
+/// may lack its closing record: every record before it says so.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum AppendEnd<'a> {
     /// More events of the same append follow this one.

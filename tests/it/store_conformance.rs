@@ -1262,21 +1262,29 @@ mod sled_only {
         out
     }
 
-    /// A crash can cut the log's last append after some of its records (the store writes most
-    /// commits as ordered single inserts). Reopening removes what is left of it, index entry
-    /// included, so the stream ends at its last whole append and the positions are free again.
+    /// Records too big to share a chunk are stored one per value (as layout 3 stored every
+    /// append), so a crash can cut their append after some of them. Reopening removes what is
+    /// left of it, index entry included, so the stream ends at its last whole append and the
+    /// positions are free again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_cut_last_append_is_removed_on_reopen() {
+    async fn a_cut_append_stored_one_record_per_value_is_removed_on_reopen() {
         let mut h = sled_harness();
         append_n(h.store(), &p(), 0, 63).await;
         let id = Uuid::now_v7();
-        let (cut, _) = commanded_append(63, 3, id);
-        // Sequences 64..=66 at positions 64..=66; 64 has an index entry.
+        let (mut cut, _) = commanded_append(63, 3, id);
+        // Sequences 64..=66 at positions 64..=66, 2 KB each; 64 has an index entry.
+        for event in &mut cut.events {
+            event.payload = vec![7; 2_000];
+        }
         h.store().append(cut).await.unwrap();
         h.reopen_after(|path| {
             with_tree(path, |tree| {
-                // What a crash leaves after the append's first two records: its closing record,
-                // its command record and the commit's metadata never reached the disk.
+                for position in 64..=66 {
+                    let value = tree.get(log_key(position)).unwrap().unwrap();
+                    assert_ne!(value[0], 5, "a big append went into a chunk");
+                }
+                // What a crash leaves after the append's first two records: its closing
+                // record, its command record and the commit's metadata never reached the disk.
                 forget_metadata(tree);
                 assert!(tree.remove(log_key(66)).unwrap().is_some());
                 assert!(tree.remove(command_key(&p(), 66, id)).unwrap().is_some());
@@ -1315,6 +1323,57 @@ mod sled_only {
         h.close().await;
     }
 
+    /// An append too big for one chunk spreads over several, and a crash can cut it between
+    /// two. Reopening removes what is left of it from every chunk it reached, and keeps the
+    /// appends before it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_append_cut_between_its_chunks_is_removed_on_reopen() {
+        let mut h = sled_harness();
+        append_n(h.store(), &p(), 0, 10).await;
+        let id = Uuid::now_v7();
+        // Sequences 11..=110 at positions 11..=110; 64 has an index entry.
+        let (big, _) = commanded_append(10, 100, id);
+        h.store().append(big).await.unwrap();
+        h.reopen_after(|path| {
+            with_tree(path, |tree| {
+                let values: Vec<_> = tree
+                    .range(log_key(11)..=log_key(110))
+                    .map(|item| item.unwrap())
+                    .collect();
+                assert!(values.len() >= 2, "100 events fit one chunk");
+                assert!(values.iter().all(|(_, value)| value[0] == 5));
+                // What a crash leaves before the append's last chunk: nothing that follows it
+                // (its index entry and command record) reached the disk either.
+                forget_metadata(tree);
+                let (last, _) = values.last().unwrap();
+                assert!(tree.remove(last).unwrap().is_some());
+                assert!(tree.remove(command_key(&p(), 110, id)).unwrap().is_some());
+                assert!(tree
+                    .remove(stream_record_key(b'S', &p(), 64))
+                    .unwrap()
+                    .is_some());
+            })
+        })
+        .await;
+        let store = h.store();
+        assert_eq!(store.head(), 10);
+        let slice = read_all(store, &p()).await;
+        assert_eq!((slice.highest_sequence, slice.events.len()), (10, 10));
+        assert!(store.read_log(11, usize::MAX).await.unwrap().is_empty());
+        assert!(store.command_records(&p()).await.unwrap().is_empty());
+        h.reopen_after(|path| {
+            let left = with_tree(path, |tree| {
+                tree.range(log_key(11)..=log_key(u64::MAX)).count()
+            });
+            assert_eq!(left, 0, "a cut append's chunk stayed");
+        })
+        .await;
+        let again = append_n(h.store(), &p(), 10, 3).await;
+        assert_eq!((again.first_position, again.last_sequence), (11, 13));
+        assert_eq!(read_all(h.store(), &p()).await.events.len(), 13);
+        h.close().await;
+    }
+
     /// A crash right after an append's closing record loses what follows it: its index entry
     /// and its command records. Reopening writes them again from the closing record, so a
     /// retried command is still recognised.
@@ -1349,6 +1408,23 @@ mod sled_only {
         })
         .await;
         h.close().await;
+    }
+
+    /// The `(position, record)` pairs of a log chunk: format 5, a `u32` count, then per record
+    /// its position (`u64`) and length (`u32`), then the records (see `src/store/sled/log.rs`).
+    fn chunk_records(value: &[u8]) -> Vec<(u64, Vec<u8>)> {
+        assert_eq!(value[0], 5, "not a chunk");
+        let count = u32::from_be_bytes(value[1..5].try_into().unwrap()) as usize;
+        let mut offset = 5 + count * 12;
+        (0..count)
+            .map(|i| {
+                let at = 5 + i * 12;
+                let position = u64::from_be_bytes(value[at..at + 8].try_into().unwrap());
+                let len = u32::from_be_bytes(value[at + 8..at + 12].try_into().unwrap()) as usize;
+                offset += len;
+                (position, value[offset - len..offset].to_vec())
+            })
+            .collect()
     }
 
     fn log_key(position: u64) -> Vec<u8> {
@@ -1401,24 +1477,89 @@ mod sled_only {
         }
     }
 
-    /// A database of the previous layout (2) opens, reads, and is stamped with the current one
-    /// before anything is written in it.
+    /// A database of an older layout (2 or 3: one log record per value, which the fixture's
+    /// one-event commits also write) opens, reads, takes new appends as chunks, and is stamped
+    /// with the current layout before anything is written in it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_database_of_layout_2_is_upgraded_in_place() {
-        let mut h = sled_harness();
-        fixture(h.store()).await;
-        h.reopen_after(|path| {
-            with_tree(path, |tree| {
-                tree.insert(b"V", &2u32.to_be_bytes()).unwrap();
+    async fn databases_of_layouts_2_and_3_are_upgraded_in_place() {
+        for old in [2u32, 3] {
+            let mut h = sled_harness();
+            fixture(h.store()).await;
+            h.reopen_after(|path| {
+                with_tree(path, |tree| {
+                    assert_ne!(tree.get(log_key(1)).unwrap().unwrap()[0], 5);
+                    tree.insert(b"V", &old.to_be_bytes()).unwrap();
+                })
             })
-        })
-        .await;
-        assert_eq!(read_all(h.store(), &p()).await.events.len(), 5);
+            .await;
+            let store = h.store();
+            assert_eq!(read_all(store, &p()).await.events.len(), 5);
+            let head = store.head();
+            append_n(store, &p(), 5, 3).await;
+            let slice = read_all(store, &p()).await;
+            assert_eq!(slice.events.len(), 8);
+            assert_eq!(slice.events[7].payload, payload_of(&p(), 8));
+            assert_eq!(store.read_log(head + 1, usize::MAX).await.unwrap().len(), 3);
+            h.reopen_after(|path| {
+                let (stamp, chunk) = with_tree(path, |tree| {
+                    (
+                        tree.get(b"V").unwrap(),
+                        tree.get(log_key(head + 1)).unwrap(),
+                    )
+                });
+                assert_eq!(stamp.as_deref(), Some(&4u32.to_be_bytes()[..]));
+                assert_eq!(chunk.map(|c| chunk_records(&c).len()), Some(3));
+            })
+            .await;
+            assert_eq!(read_all(h.store(), &p()).await.events.len(), 8);
+            h.close().await;
+        }
+    }
+
+    /// Deleting some of the events a chunk holds rewrites it without them: the rest still read
+    /// by stream and by position, across a reopen, and a chunk left empty goes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deleting_part_of_a_chunk_keeps_the_rest_of_it() {
+        let mut h = sled_harness();
+        // One append, one commit: positions 1..=6 in one chunk.
+        append_n(h.store(), &p(), 0, 6).await;
+        let store = h.store();
+        store.delete_to(&p(), 2).await.unwrap();
+        let slice = read_all(store, &p()).await;
+        let sequences: Vec<u64> = slice.events.iter().map(|e| e.sequence).collect();
+        assert_eq!(sequences, [3, 4, 5, 6]);
+        assert_eq!(slice.events[0].payload, payload_of(&p(), 3));
+        let log = store.read_log(1, usize::MAX).await.unwrap();
+        assert_eq!(
+            log.iter().map(|e| e.position).collect::<Vec<_>>(),
+            [3, 4, 5, 6]
+        );
         h.reopen_after(|path| {
-            let found = with_tree(path, |tree| tree.get(b"V").unwrap());
-            assert_eq!(found.as_deref(), Some(&3u32.to_be_bytes()[..]));
+            let records = with_tree(path, |tree| {
+                chunk_records(&tree.get(log_key(1)).unwrap().unwrap())
+            });
+            assert_eq!(
+                records.iter().map(|r| r.0).collect::<Vec<_>>(),
+                [3, 4, 5, 6]
+            );
         })
         .await;
+        let store = h.store();
+        assert_eq!(read_all(store, &p()).await.events.len(), 4);
+        let window = store.read_stream(&p(), 5, 5, usize::MAX).await.unwrap();
+        assert_eq!(window.events[0].position, 5);
+        append_n(store, &p(), 6, 1).await;
+        store.delete_to(&p(), 6).await.unwrap();
+        let log = store.read_log(1, usize::MAX).await.unwrap();
+        assert_eq!(log.iter().map(|e| e.position).collect::<Vec<_>>(), [7]);
+        assert_eq!(store.head(), 7);
+        h.reopen_after(|path| {
+            let gone = with_tree(path, |tree| tree.get(log_key(1)).unwrap());
+            assert!(gone.is_none(), "an emptied chunk stayed");
+        })
+        .await;
+        assert_eq!(h.store().head(), 7);
+        assert_eq!(read_all(h.store(), &p()).await.events.len(), 1);
         h.close().await;
     }
 
@@ -1440,7 +1581,7 @@ mod sled_only {
             match opened {
                 Err(StoreError::Invalid(reason)) => {
                     assert!(reason.contains(found), "{reason}");
-                    assert!(reason.contains("reads layout 3"), "{reason}");
+                    assert!(reason.contains("reads layout 4"), "{reason}");
                 }
                 Err(other) => panic!("expected a layout error, got {other:?}"),
                 Ok(_) => panic!("a database of {found} was opened"),

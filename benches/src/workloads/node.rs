@@ -282,6 +282,28 @@ pub(crate) fn reopen_raw(path: &Path) -> Result<sled::Db, BoxError> {
     }
 }
 
+/// The log records in one stored log value, as the store reads them: a chunk (format 5: a `u32`
+/// count, then per record its position and length, then the records) holds a commit group's;
+/// any other value is one record.
+pub(crate) fn log_records(value: &[u8]) -> Result<Vec<&[u8]>, BoxError> {
+    if value.first() != Some(&5) {
+        return Ok(vec![value]);
+    }
+    let field = |at: usize, width: usize| -> Option<usize> {
+        let bytes = value.get(at..at.checked_add(width)?)?;
+        Some(bytes.iter().fold(0, |n, b| n << 8 | usize::from(*b)))
+    };
+    let count = field(1, 4).ok_or("truncated chunk")?;
+    let mut offset = 5 + count * 12;
+    let mut records = Vec::with_capacity(count);
+    for i in 0..count {
+        let len = field(5 + i * 12 + 8, 4).ok_or("truncated chunk")?;
+        records.push(value.get(offset..offset + len).ok_or("truncated chunk")?);
+        offset += len;
+    }
+    Ok(records)
+}
+
 /// Decodes one stored log record (format tag + rmp-serde envelope) as the store does.
 pub(crate) fn decode_record(bytes: &[u8]) -> Result<EventEnvelope, BoxError> {
     let (_, _, envelope) = record_parts(bytes)?;
@@ -293,6 +315,8 @@ pub(crate) fn decode_record(bytes: &[u8]) -> Result<EventEnvelope, BoxError> {
 
 #[cfg(test)]
 mod tests {
+    use incarnate::DomainEvent;
+
     use super::*;
 
     /// The baselines' value size is the size of a `Deposited` record the runtime really stores,
@@ -319,7 +343,8 @@ mod tests {
     }
 
     /// The raw baselines decode every record format the store writes, the closing record that
-    /// carries command records included, to the envelopes the store itself reads.
+    /// carries command records included, to the envelopes the store itself reads, and the
+    /// chunks that hold a commit group's records.
     #[test]
     fn decode_record_reads_every_record_the_store_writes() -> Result<(), BoxError> {
         let dir = tempfile::tempdir()?;
@@ -340,13 +365,54 @@ mod tests {
         let tree = db.open_tree("incarnate")?;
         let mut decoded = Vec::new();
         for item in tree.scan_prefix(b"L") {
-            decoded.push(decode_record(&item?.1)?);
+            for record in log_records(&item?.1)? {
+                decoded.push(decode_record(record)?);
+            }
         }
         assert_eq!(decoded.len(), 2);
         assert_eq!(decoded, read);
         // The deposit's record carries its command record (format 4).
         let second = tree.get(b"L\0\0\0\0\0\0\0\x02")?.ok_or("no record at 2")?;
         assert_eq!(second.first(), Some(&4));
+        drop((tree, db));
+
+        // An append of several events is one chunk.
+        let rt = runtime_at(dir.path(), DurabilityMode::Buffered, |_| {})?;
+        let read = tokio.block_on(async {
+            let event = |event: AccountEvent| -> Result<incarnate::NewEvent, BoxError> {
+                Ok(incarnate::NewEvent {
+                    event_id: uuid::Uuid::now_v7(),
+                    event_type: event.event_type().to_owned(),
+                    schema_version: 1,
+                    causation: Causation::default(),
+                    payload: rmp_serde::to_vec(&event)?,
+                })
+            };
+            let events = vec![
+                event(AccountEvent::Opened { owner: "o".into() })?,
+                event(AccountEvent::Deposited { amount: 1 })?,
+                event(AccountEvent::Deposited { amount: 2 })?,
+            ];
+            let stream = StreamId::new("account", account_id(2));
+            rt.store()
+                .append(incarnate::AppendRequest::new(stream, 0, events))
+                .await?;
+            let log = rt.store().read_log(1, usize::MAX).await?;
+            rt.shutdown().await?;
+            Ok::<_, BoxError>(log)
+        })?;
+        let db = reopen_raw(dir.path())?;
+        let tree = db.open_tree("incarnate")?;
+        let (mut decoded, mut chunks) = (Vec::new(), 0);
+        for item in tree.scan_prefix(b"L") {
+            let value = item?.1;
+            chunks += usize::from(value.first() == Some(&5));
+            for record in log_records(&value)? {
+                decoded.push(decode_record(record)?);
+            }
+        }
+        assert_eq!(decoded, read);
+        assert_eq!((decoded.len(), chunks), (5, 1));
         Ok(())
     }
 }

@@ -32,7 +32,7 @@ use incarnate_actors::AccountEvent;
 use tempfile::TempDir;
 use tokio::runtime::Runtime;
 
-use super::node::{account_id, decode_record, reopen_raw};
+use super::node::{account_id, decode_record, log_records, reopen_raw};
 use super::{Better, Sample, Settings, Workload};
 use crate::BoxError;
 
@@ -259,12 +259,14 @@ fn raw_scan(path: &std::path::Path, total: usize) -> Result<f64, BoxError> {
     let start = Instant::now();
     let mut seen = 0;
     for item in tree.scan_prefix([b'L']) {
-        let (_, record) = item?;
-        let envelope = decode_record(&record)?;
-        if *envelope.stream.aggregate_type == *"account" {
-            fold(&mut balances, &envelope)?;
+        let (_, value) = item?;
+        for record in log_records(&value)? {
+            let envelope = decode_record(record)?;
+            if *envelope.stream.aggregate_type == *"account" {
+                fold(&mut balances, &envelope)?;
+            }
+            seen += 1;
         }
-        seen += 1;
     }
     let elapsed = start.elapsed();
     if seen != total {

@@ -7,6 +7,8 @@ use crate::domain::StreamId;
 use crate::store::keys::{self, LogRecord, StreamMeta};
 use crate::store::StoreError;
 
+use super::log::{self, LogValue};
+
 /// Stream metadata that changed since its `M` record was last written, keyed by `M` key. The
 /// committer is its only writer; readers consult it before the tree.
 pub(super) type DirtyMetas = DashMap<Vec<u8>, StreamMeta, foldhash::fast::RandomState>;
@@ -86,8 +88,10 @@ pub(super) fn walk(
         }
         None => (meta.highest, meta.last_position),
     };
+    // The chunk of the last hop: a stream's events of one commit group share one.
+    let mut chunk = None;
     while sequence >= from && sequence > 0 {
-        let (record, previous) = match follow(tree, position, sequence)? {
+        let (record, previous) = match follow(tree, &mut chunk, position, sequence)? {
             Ok(found) => found,
             Err(reason) => {
                 let err = StoreError::Decode {
@@ -118,14 +122,30 @@ pub(super) fn walk(
 }
 
 /// Reads the record at `position`, which the chain says holds `sequence`: the record and the
-/// position of the event before it, or why the chain is broken there.
+/// position of the event before it, or why the chain is broken there. `chunk` is the log value
+/// of the previous hop, kept for the next.
 fn follow(
     tree: &sled::Tree,
+    chunk: &mut Option<LogValue>,
     position: u64,
     sequence: u64,
 ) -> Result<Result<(sled::IVec, u64), String>, StoreError> {
-    let record = match tree.get(keys::log_key(position))? {
-        Some(record) if position > 0 => record,
+    let found = if position == 0 {
+        None
+    } else if let Some(record) = chunk.as_ref().and_then(|c| c.find(position)) {
+        Some(record)
+    } else {
+        match tree.get(keys::log_key(position))? {
+            // A record alone under its own key (the common case of a replay): no table to read.
+            Some(value) if !log::is_chunk(&value) => Some(value),
+            _ => {
+                *chunk = log::value_at(tree, position)?.map(|(_, value)| value);
+                chunk.as_ref().and_then(|c| c.find(position))
+            }
+        }
+    };
+    let record = match found {
+        Some(record) => record,
         _ => {
             return Ok(Err(format!(
                 "the stream's chain points at missing log position {position}"

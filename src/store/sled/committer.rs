@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::chain::{self, DirtyMetas};
+use super::log::{self, ChunkBuilder};
 use super::{decode_log_record, Durability, SledStoreConfig, MAX_RECORD_BYTES};
 use crate::domain::StreamId;
 use crate::store::keys::{self, AppendEnd, LogRecord, StreamMeta};
@@ -162,9 +163,27 @@ struct Plan {
     force_sync: bool,
     /// Streams whose deletion watermark this batch raises.
     deletions: Vec<Vec<u8>>,
-    /// One append's rows before they join the plan's writes (all or none of them do); kept to
-    /// reuse its buffer across the appends of a commit.
+    /// One append's index entries and command records before they join `followers` (all or
+    /// none of them do); kept to reuse its buffer across the appends of a commit.
     rows: Vec<Write>,
+    /// One append's log records with their index entries, likewise.
+    records: Vec<(u64, Vec<u8>, Option<Write>)>,
+    /// The log records of the appends planned since the last chunk was closed.
+    chunk: ChunkBuilder,
+    /// The index entries and command records of those appends, written right after their chunk.
+    followers: Vec<Write>,
+}
+
+impl Plan {
+    /// Closes the chunk being filled: its value joins the writes, then its followers. The
+    /// plain path writes them in this order, chunk by chunk, so a crash leaves at most the last
+    /// chunk without its followers, which `repair.rs` writes again from it.
+    fn close_chunk(&mut self) {
+        if let Some((key, value)) = self.chunk.take() {
+            self.writes.push((key, Some(value)));
+        }
+        self.writes.append(&mut self.followers);
+    }
 }
 
 impl Committer {
@@ -201,16 +220,15 @@ impl Committer {
             Some(bytes) => keys::trailing_u64(&bytes).unwrap_or(0),
             None => 0,
         };
-        let from = keys::log_key(self.meta_checkpoint.saturating_add(1));
-        for item in self.tree.range(from..=keys::log_key(self.head)) {
-            let (key, value) = item?;
-            let position = keys::trailing_u64(&key).unwrap_or(0);
+        let tree = self.tree.clone();
+        for item in log::records_in(&tree, self.meta_checkpoint.saturating_add(1)..=self.head) {
+            let (position, record) = item?;
             let EventEnvelope {
                 stream,
                 sequence,
                 event_id,
                 ..
-            } = decode_log_record(&value, position)?;
+            } = decode_log_record(&record, position)?;
             let meta_key = keys::stream_key(keys::META, &stream)?;
             let mut meta = match self.metas.get(&meta_key) {
                 Some(meta) => *meta,
@@ -278,6 +296,9 @@ impl Committer {
                 force_sync: false,
                 deletions: Vec::new(),
                 rows: Vec::new(),
+                records: Vec::new(),
+                chunk: ChunkBuilder::default(),
+                followers: Vec::new(),
             };
             for op in ops.drain(..) {
                 match op {
@@ -456,7 +477,7 @@ impl Committer {
         if meta.last_event.is_some() || meta.last_position == 0 {
             return Ok(meta.last_event);
         }
-        match self.tree.get(keys::log_key(meta.last_position))? {
+        match log::record_at(&self.tree, meta.last_position)? {
             Some(bytes) => Ok(Some(
                 decode_log_record(&bytes, meta.last_position)?.event_id,
             )),
@@ -511,12 +532,18 @@ impl Committer {
                 source,
             })?
         };
-        // The order of the rows is the order the plain path writes them in, which crash
-        // recovery relies on: each event's log record before its index entry, the closing
-        // record before the command records. Keys of up to 22 bytes (every log key) are
-        // stored inline in an `IVec`: no allocation.
-        let rows = &mut plan.rows;
+        // The records join the commit's chunk and the other rows follow it (see
+        // `Plan::close_chunk`); the closing record of each append embeds its command records,
+        // so a crash between the chunk and its followers cannot lose them. Keys of up to 22
+        // bytes (every index key of a short stream name) are stored inline in an `IVec`.
+        // Taken from the plan (and given back) to reuse their buffers; a rejected append
+        // leaves them empty.
+        let (mut rows, mut records) = (
+            std::mem::take(&mut plan.rows),
+            std::mem::take(&mut plan.records),
+        );
         rows.clear();
+        records.clear();
         let first_position = plan.next_head + 1;
         let mut position = plan.next_head;
         let mut sequence = meta.highest;
@@ -537,13 +564,13 @@ impl Committer {
                 LogRecord { sequence, previous }.start(end, envelope.encoded_len_hint())?;
             envelope.encode_into(&mut record)?;
             check_size(record.len(), "event")?;
-            rows.push((sled::IVec::from(&keys::log_key(position)[..]), Some(record)));
-            if sequence % keys::INDEX_STRIDE == 0 {
-                rows.push((
+            let index = (sequence % keys::INDEX_STRIDE == 0).then(|| {
+                (
                     keys::with_u64(&index_base, sequence).into(),
                     Some(position.to_be_bytes().to_vec()),
-                ));
-            }
+                )
+            });
+            records.push((position, record, index));
             previous = position;
         }
         let command_base = if record_commands.is_empty() && forget_commands.is_empty() {
@@ -560,7 +587,25 @@ impl Committer {
         for (version, id) in forget_commands {
             rows.push((keys::command_key(&command_base, version, id).into(), None));
         }
-        plan.writes.append(rows);
+        // An append that does not fit the open chunk starts the next one, and one too big for
+        // any chunk spreads over several: its records before the closing one say `Continues`,
+        // so `repair.rs` removes what a crash leaves of it. Its index entries and command
+        // records follow the chunk it closes in.
+        let size: usize = records.iter().map(|(_, r, _)| log::chunked_size(r)).sum();
+        if !plan.chunk.fits(size) {
+            plan.close_chunk();
+        }
+        let mut indexes = Vec::new();
+        for (position, record, index) in records.drain(..) {
+            if !plan.chunk.fits(log::chunked_size(&record)) {
+                plan.close_chunk();
+            }
+            plan.chunk.push(position, record);
+            indexes.extend(index);
+        }
+        plan.followers.append(&mut indexes);
+        plan.followers.append(&mut rows);
+        (plan.rows, plan.records) = (rows, records);
         let result = AppendResult {
             first_sequence: meta.highest + 1,
             last_sequence: sequence,
@@ -595,22 +640,21 @@ impl Committer {
             return Ok(());
         }
         let walk = chain::walk(&self.tree, stream, &meta, meta.deleted_to + 1, to)?;
-        for hop in &walk.hops {
-            plan.writes
-                .push((keys::log_key(hop.position)[..].into(), None));
-        }
+        let mut doomed: Vec<u64> = walk.hops.iter().map(|hop| hop.position).collect();
         if let Some((sequence, position, err)) = walk.broken {
             // The chain cannot be followed below a corrupt or missing record: remove what it
             // reaches (the corrupt record included) and leave the older, unreachable events in
             // the log. The stream reads correctly either way: its window starts above `to`.
             if sequence <= to {
-                plan.writes.push((keys::log_key(position)[..].into(), None));
+                doomed.push(position);
             }
             tracing::warn!(
                 %stream, sequence, error = %err,
                 "deleting past a broken chain: earlier events stay in the global log"
             );
         }
+        doomed.sort_unstable();
+        plan.writes.extend(log::removals(&self.tree, &doomed)?);
         let base = keys::stream_key(keys::STREAM, stream)?;
         let range = keys::with_u64(&base, meta.deleted_to + 1)..=keys::with_u64(&base, to);
         for item in self.tree.range(range) {
@@ -693,6 +737,7 @@ impl Committer {
     /// head and replies. Replies go out only after the head moved, so a caller that reads the log after
     /// its append always sees it.
     fn commit(&mut self, mut plan: Plan) {
+        plan.close_chunk();
         let metas_written = self.plan_meta_writes(&mut plan);
         let mut outcome: Result<(), StoreError> = Ok(());
         let mut applied = false;

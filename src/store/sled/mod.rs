@@ -8,6 +8,7 @@
 
 mod chain;
 mod committer;
+mod log;
 mod repair;
 
 use std::fs::File;
@@ -110,11 +111,9 @@ fn stored_head(tree: &sled::Tree) -> Result<u64, StoreError> {
         })?,
         None => 0,
     };
-    let last_logged = match tree
-        .range(keys::log_key(0)..=keys::log_key(u64::MAX))
-        .next_back()
-    {
-        Some(item) => keys::trailing_u64(&item?.0).unwrap_or(0),
+    // The last value's last record: a chunk is keyed by its first.
+    let last_logged = match log::last_value(tree)? {
+        Some((key_position, value)) => value.last_position().unwrap_or(key_position),
         None => 0,
     };
     Ok(recorded.max(last_logged))
@@ -252,7 +251,7 @@ fn check_layout(tree: &sled::Tree) -> Result<(), StoreError> {
     };
     if found == keys::LAYOUT_VERSION {
         Ok(())
-    } else if found == keys::UPGRADABLE_LAYOUT {
+    } else if keys::UPGRADABLE_LAYOUTS.contains(&found) {
         // Stamped before anything of the new layout is written, so an older build refuses the
         // database instead of meeting records it cannot read.
         tree.insert(keys::LAYOUT, &keys::LAYOUT_VERSION.to_be_bytes())?;
@@ -262,7 +261,11 @@ fn check_layout(tree: &sled::Tree) -> Result<(), StoreError> {
         Err(StoreError::Invalid(format!(
             "the database uses store layout {found}; this build reads layout {} (and upgrades {})",
             keys::LAYOUT_VERSION,
-            keys::UPGRADABLE_LAYOUT
+            keys::UPGRADABLE_LAYOUTS
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(" and ")
         )))
     }
 }
@@ -363,10 +366,9 @@ impl EventStore for SledStore {
         }
         self.read(move |tree| {
             let mut out = Vec::with_capacity(max.min(4096));
-            for item in tree.range(keys::log_key(from.max(1))..=keys::log_key(head)) {
-                let (key, value) = item?;
-                let position = keys::trailing_u64(&key).unwrap_or(0);
-                out.push(decode_log_record(&value, position)?);
+            for item in log::records_in(tree, from.max(1)..=head) {
+                let (position, record) = item?;
+                out.push(decode_log_record(&record, position)?);
                 if out.len() >= max {
                     break;
                 }

@@ -1,36 +1,42 @@
-//! Making the log's last append whole again after a crash.
+//! Making the log's tail whole again after a crash.
 //!
 //! Most commits are not one atomic `apply_batch` but single-key inserts, which sled buffers and
-//! writes together across commits (see `Committer::apply`). Their order is fixed: each event's
-//! log record, then its index entry; the closing record of an append (which embeds the
-//! append's command records); then the separate command records and removals; then stream
-//! metadata and the meta checkpoint. One thread issues them all.
+//! writes together across commits (see `Committer::apply`). Their order is fixed (see
+//! `Plan::close_chunk`): each chunk of log records, then the index entries and command records
+//! of its appends; for an append too big for a chunk, each of its records as a value of its own
+//! then its index entry, then its command records; then stream metadata and the meta
+//! checkpoint. One thread issues them all.
 //!
 //! sled 0.34 recovers a crashed database as a prefix of its log in LSN order: recovery stops at
 //! the first torn or missing message (`pagecache/iterator.rs`), which is also what its atomic
-//! batches rest on (a torn batch ends recovery there). So a crash leaves every append complete
-//! except, at most, the last one in the log, in one of two ways:
+//! batches rest on (a torn batch ends recovery there). A chunk is one insert, stored whole or
+//! not at all. So a crash leaves every append complete except what the log's last value
+//! brought, in one of three ways:
 //!
-//! - it lost its closing record: the records before it say `Continues`. They are removed, with
-//!   their index entries; the append was never acknowledged (in `sync` mode a reply waits for the
-//!   fsync after the whole commit; `buffered` mode may lose its last interval, never part of an
-//!   append).
-//! - it kept its closing record but lost what follows: its index entry or command records. They
-//!   are written again from the closing record.
+//! - the last value is a chunk that lost what follows it: its index entries and command records
+//!   are written again from its records (a closing record embeds its append's command records);
+//! - the last value is the closing record of an append stored one record per value, which lost
+//!   what follows it: likewise;
+//! - the last values are records of such an append that lost its closing record: they say
+//!   `Continues`, and are removed with their index entries. The append was never acknowledged
+//!   (in `sync` mode a reply waits for the fsync after the whole commit; `buffered` mode may lose
+//!   its last interval, never part of an append). Layouts 2 and 3 stored every append this way.
 //!
 //! Nothing else can be incomplete: anything written after the cut is gone with it, and anything
 //! written before it is there. The repair runs before the store computes its head and rebuilds
 //! stream metadata, and is idempotent (a crash during it is repaired by the next open).
 //!
-//! Restoring from the last closing record can also bring back a command record that a later
-//! append without events (a rejection that trimmed the dedup window) had removed: a true record
-//! of a command that did run, one more than the window, which the runtime trims when it loads
-//! the records.
+//! Restoring command records can also bring back one that a later append of the same chunk (a
+//! rejection that trimmed the dedup window) had removed: a true record of a command that did
+//! run, beyond the window, which the runtime trims when it loads the records.
 
 use crate::domain::StreamId;
 use crate::store::keys::{self, AppendEnd, LogRecord};
 use crate::store::{CommandRecord, EventEnvelope, StoreError};
 
+use sled::IVec;
+
+use super::log::LogValue;
 use super::log_stream;
 
 /// What a repair changed.
@@ -48,63 +54,121 @@ impl TailRepair {
     }
 }
 
-/// Removes the records of a cut append from the end of the log and restores what the last
-/// complete append's closing record says must follow it.
+/// Removes the records of a cut append from the end of the log, and restores what must follow
+/// the last whole appends.
 pub(super) fn repair_tail(tree: &sled::Tree) -> Result<TailRepair, StoreError> {
     let mut repair = TailRepair::default();
     while let Some(item) = tree
         .range(keys::log_key(0)..=keys::log_key(u64::MAX))
         .next_back()
     {
-        let (key, record) = item?;
-        let position = keys::trailing_u64(&key).unwrap_or(0);
-        let (header, end, envelope) = match LogRecord::decode_with_end(&record) {
-            Ok(decoded) => decoded,
-            // Not ours to judge here: opening reports it when it rebuilds stream metadata.
-            Err(_) => return Ok(repair),
+        let (key, bytes) = item?;
+        let key_position = keys::trailing_u64(&key).unwrap_or(0);
+        let Ok(value) = LogValue::parse(key_position, bytes) else {
+            // Not ours to judge here: reading it reports the damage.
+            return Ok(repair);
         };
-        // Decoded only where a key needs the stream.
-        let stream = || EventEnvelope::decode(envelope, &log_stream(), position).map(|e| e.stream);
-        match end {
-            AppendEnd::Continues => {
-                // The index entry first: a crash between the two leaves the record, which the
-                // next open removes, never an entry pointing at nothing.
-                if header.sequence % keys::INDEX_STRIDE == 0 {
-                    match &stream() {
-                        Ok(stream) => tree.remove(index_key(stream, header.sequence)?).map(drop)?,
-                        Err(e) => tracing::warn!(
-                            position, error = %e,
-                            "removing an undecodable record of a cut append: its index entry, if any, stays"
-                        ),
-                    }
-                }
-                tree.remove(&key)?;
-                repair.removed += 1;
+        let records: Vec<(u64, IVec)> = value.records().collect();
+        // The records a cut append left at the end: they say `Continues`. (An undecodable one
+        // ends the search: reading it reports the damage.)
+        let cut = records
+            .iter()
+            .rev()
+            .take_while(|(_, record)| {
+                matches!(
+                    LogRecord::decode_with_end(record),
+                    Ok((_, AppendEnd::Continues, _))
+                )
+            })
+            .count();
+        let (kept, doomed) = records.split_at(records.len() - cut);
+        if doomed.is_empty() {
+            for (position, record) in kept {
+                restore_followers(tree, *position, record, &mut repair)?;
             }
-            AppendEnd::Closes(commands) => {
-                let stream = match stream() {
-                    Ok(stream) => stream,
-                    Err(e) => {
-                        // Reading it reports the damage; there is no stream to restore for.
-                        tracing::warn!(position, error = %e, "the log's last record is undecodable");
-                        return Ok(repair);
-                    }
-                };
-                if header.sequence % keys::INDEX_STRIDE == 0 {
-                    let index = index_key(&stream, header.sequence)?;
-                    if tree.get(&index)?.is_none() {
-                        tree.insert(index, &position.to_be_bytes())?;
-                        repair.restored += 1;
-                    }
-                }
-                if !commands.is_empty() {
-                    repair.restored += restore_commands(tree, &stream, commands, position)?;
+            return Ok(repair);
+        }
+        // The index entries first: a crash between the two leaves the records, which the next
+        // open removes, never an entry pointing at nothing.
+        for (position, record) in doomed {
+            remove_index_entry(tree, *position, record)?;
+        }
+        let positions: Vec<u64> = doomed.iter().map(|(position, _)| *position).collect();
+        repair.removed += positions.len() as u64;
+        match value.without(&positions) {
+            // The whole value belonged to the cut append: its start may be further back.
+            None => drop(tree.remove(&key)?),
+            Some(rest) => {
+                tree.insert(&key, rest)?;
+                for (position, record) in kept {
+                    restore_followers(tree, *position, record, &mut repair)?;
                 }
                 return Ok(repair);
             }
         }
     }
     Ok(repair)
+}
+
+/// Removes the index entry of a cut append's record, if it has one.
+fn remove_index_entry(tree: &sled::Tree, position: u64, record: &[u8]) -> Result<(), StoreError> {
+    let Ok((header, _, envelope)) = LogRecord::decode_with_end(record) else {
+        return Ok(());
+    };
+    if header.sequence % keys::INDEX_STRIDE != 0 {
+        return Ok(());
+    }
+    match EventEnvelope::decode(envelope, &log_stream(), position) {
+        Ok(event) => tree
+            .remove(index_key(&event.stream, header.sequence)?)
+            .map(drop)?,
+        Err(e) => tracing::warn!(
+            position, error = %e,
+            "removing an undecodable record of a cut append: its index entry, if any, stays"
+        ),
+    }
+    Ok(())
+}
+
+/// Writes the index entry and the command records that must follow the log record at
+/// `position`, where they are missing.
+fn restore_followers(
+    tree: &sled::Tree,
+    position: u64,
+    record: &[u8],
+    repair: &mut TailRepair,
+) -> Result<(), StoreError> {
+    let Ok((header, end, envelope)) = LogRecord::decode_with_end(record) else {
+        // Reading it reports the damage; there is nothing to restore from.
+        return Ok(());
+    };
+    let commands = match end {
+        AppendEnd::Closes(commands) => commands,
+        AppendEnd::Continues => &[][..],
+    };
+    let indexed = header.sequence % keys::INDEX_STRIDE == 0;
+    if !indexed && commands.is_empty() {
+        return Ok(());
+    }
+    let stream = match EventEnvelope::decode(envelope, &log_stream(), position) {
+        Ok(event) => event.stream,
+        Err(e) => {
+            // Reading it reports the damage; there is no stream to restore for.
+            tracing::warn!(position, error = %e, "an undecodable record at the log's tail");
+            return Ok(());
+        }
+    };
+    if indexed {
+        let index = index_key(&stream, header.sequence)?;
+        if tree.get(&index)?.is_none() {
+            tree.insert(index, &position.to_be_bytes())?;
+            repair.restored += 1;
+        }
+    }
+    if !commands.is_empty() {
+        repair.restored += restore_commands(tree, &stream, commands, position)?;
+    }
+    Ok(())
 }
 
 /// Writes the command records embedded in the closing record at `position` that are missing.
@@ -138,4 +202,67 @@ fn index_key(stream: &StreamId, sequence: u64) -> Result<Vec<u8>, StoreError> {
         &keys::stream_key(keys::STREAM, stream)?,
         sequence,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::store::keys::{AppendEnd, LogRecord};
+    use crate::store::Causation;
+
+    /// A log record of `stream` at `position` (its `sequence`-th event), closing its append or
+    /// not.
+    fn record(stream: &StreamId, sequence: u64, position: u64, closes: bool) -> Vec<u8> {
+        let envelope = EventEnvelope {
+            event_id: Uuid::now_v7(),
+            stream: stream.clone(),
+            sequence,
+            position,
+            timestamp_micros: 0,
+            event_type: "Tested".into(),
+            schema_version: 1,
+            causation: Causation::default(),
+            payload: vec![1, 2, 3],
+        };
+        let end = if closes {
+            AppendEnd::Closes(&[])
+        } else {
+            AppendEnd::Continues
+        };
+        let header = LogRecord {
+            sequence,
+            previous: position.saturating_sub(1),
+        };
+        let mut bytes = header.start(end, 64).unwrap_or_default();
+        assert!(envelope.encode_into(&mut bytes).is_ok());
+        bytes
+    }
+
+    /// A chunk that holds a whole append and then the start of one a crash cut (its rest was
+    /// in the next chunk, which never reached the disk) keeps the whole one only.
+    #[test]
+    fn a_chunk_ending_in_a_cut_append_keeps_the_appends_before_it() -> Result<(), StoreError> {
+        let db = sled::Config::new().temporary(true).open()?;
+        let tree = db.open_tree("t")?;
+        let (p, q) = (StreamId::new("t", "p"), StreamId::new("t", "q"));
+        let whole = record(&p, 1, 1, true);
+        let mut chunk = super::super::log::ChunkBuilder::default();
+        chunk.push(1, whole.clone());
+        chunk.push(2, record(&q, 1, 2, false));
+        chunk.push(3, record(&q, 2, 3, false));
+        let Some((key, value)) = chunk.take() else {
+            return Err(StoreError::Invalid("nothing built".into()));
+        };
+        tree.insert(&key, value)?;
+        let repair = repair_tail(&tree)?;
+        assert_eq!(repair.removed, 2);
+        // What is left is the whole append's record, alone under its own key.
+        assert_eq!(tree.get(keys::log_key(1))?.as_deref(), Some(&whole[..]));
+        assert_eq!(tree.len(), 1);
+        // A second repair finds nothing to do.
+        assert_eq!(repair_tail(&tree)?, TailRepair::default());
+        Ok(())
+    }
 }
