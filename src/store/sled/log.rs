@@ -10,7 +10,7 @@
 //! An append starts a new chunk if it does not fit the open one, so an append that fits a chunk
 //! is stored whole or not at all. One too big for a chunk ([`CHUNK_BYTES`]) spreads over
 //! several, in order, with the markers `repair.rs` relies on to remove what a crash leaves of
-//! it (as layout 3 stored every append, one record per value).
+//! it (as it does for layouts 2 and 3, which stored every record as a value of its own).
 //!
 //! A value that holds one record is that record alone (its first byte is its format, 2 to 4),
 //! as every value of layouts 2 and 3 was; it reads as a chunk of one at its key. Deleting events

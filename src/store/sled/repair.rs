@@ -3,24 +3,25 @@
 //! Most commits are not one atomic `apply_batch` but single-key inserts, which sled buffers and
 //! writes together across commits (see `Committer::apply`). Their order is fixed (see
 //! `Plan::close_chunk`): each chunk of log records, then the index entries and command records
-//! of its appends; for an append too big for a chunk, each of its records as a value of its own
-//! then its index entry, then its command records; then stream metadata and the meta
-//! checkpoint. One thread issues them all.
+//! of the appends that close in it; then stream metadata and the meta checkpoint. One thread
+//! issues them all. An append starts a new chunk when it does not fit the open one; one too big
+//! for a chunk spreads over several, and its records before the closing one say `Continues`.
 //!
 //! sled 0.34 recovers a crashed database as a prefix of its log in LSN order: recovery stops at
 //! the first torn or missing message (`pagecache/iterator.rs`), which is also what its atomic
 //! batches rest on (a torn batch ends recovery there). A chunk is one insert, stored whole or
-//! not at all. So a crash leaves every append complete except what the log's last value
-//! brought, in one of three ways:
+//! not at all. So a crash leaves every append complete except at the log's end, in one of two
+//! ways:
 //!
-//! - the last value is a chunk that lost what follows it: its index entries and command records
-//!   are written again from its records (a closing record embeds its append's command records);
-//! - the last value is the closing record of an append stored one record per value, which lost
-//!   what follows it: likewise;
-//! - the last values are records of such an append that lost its closing record: they say
-//!   `Continues`, and are removed with their index entries. The append was never acknowledged
-//!   (in `sync` mode a reply waits for the fsync after the whole commit; `buffered` mode may lose
-//!   its last interval, never part of an append). Layouts 2 and 3 stored every append this way.
+//! - an append spread over chunks lost its last ones: the records it left say `Continues`, at
+//!   the end of the last value and maybe filling values before it. They are removed with their
+//!   index entries (a chunk that also holds earlier appends is rewritten without them). The
+//!   append was never acknowledged (in `sync` mode a reply waits for the fsync after the whole
+//!   commit; `buffered` mode may lose its last interval, never part of an append). Layouts 2
+//!   and 3 stored every record as a value of its own: the same case.
+//! - the last chunk lost what follows it: the index entries and command records of the appends
+//!   that close in it are written again from its records (a closing record embeds its append's
+//!   command records).
 //!
 //! Nothing else can be incomplete: anything written after the cut is gone with it, and anything
 //! written before it is there. The repair runs before the store computes its head and rebuilds
