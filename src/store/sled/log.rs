@@ -237,7 +237,7 @@ impl LogValue {
 fn corrupt(position: u64, reason: String) -> StoreError {
     StoreError::Decode {
         what: "log chunk",
-        stream: super::log_stream(),
+        stream: super::log_stream().clone(),
         sequence: position,
         reason,
     }

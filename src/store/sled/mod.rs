@@ -274,15 +274,19 @@ fn check_layout(tree: &sled::Tree) -> Result<(), StoreError> {
 fn decode_log_record(bytes: &[u8], position: u64) -> Result<EventEnvelope, StoreError> {
     let envelope = LogRecord::decode(bytes).map_err(|reason| StoreError::Decode {
         what: "event envelope",
-        stream: log_stream(),
+        stream: log_stream().clone(),
         sequence: position,
         reason,
     })?;
-    EventEnvelope::decode(envelope.1, &log_stream(), position)
+    EventEnvelope::decode(envelope.1, log_stream(), position)
 }
 
-fn log_stream() -> StreamId {
-    StreamId::new("$log", "")
+/// The pseudo-stream that names a log record by position in errors. Shared: decoding the log
+/// names it for every record, and building it each time cost an allocation per event read.
+fn log_stream() -> &'static StreamId {
+    static LOG: std::sync::LazyLock<StreamId> =
+        std::sync::LazyLock::new(|| StreamId::new("$log", ""));
+    &LOG
 }
 
 #[async_trait]

@@ -119,7 +119,7 @@ fn remove_index_entry(tree: &sled::Tree, position: u64, record: &[u8]) -> Result
     if header.sequence % keys::INDEX_STRIDE != 0 {
         return Ok(());
     }
-    match EventEnvelope::decode(envelope, &log_stream(), position) {
+    match EventEnvelope::decode(envelope, log_stream(), position) {
         Ok(event) => tree
             .remove(index_key(&event.stream, header.sequence)?)
             .map(drop)?,
@@ -151,7 +151,7 @@ fn restore_followers(
     if !indexed && commands.is_empty() {
         return Ok(());
     }
-    let stream = match EventEnvelope::decode(envelope, &log_stream(), position) {
+    let stream = match EventEnvelope::decode(envelope, log_stream(), position) {
         Ok(event) => event.stream,
         Err(e) => {
             // Reading it reports the damage; there is no stream to restore for.
@@ -182,7 +182,7 @@ fn restore_commands(
     let records: Vec<CommandRecord> =
         rmp_serde::from_slice(commands).map_err(|e| StoreError::Decode {
             what: "embedded command records",
-            stream: log_stream(),
+            stream: log_stream().clone(),
             sequence: position,
             reason: e.to_string(),
         })?;
