@@ -138,8 +138,13 @@ fn follow(
         match tree.get(keys::log_key(position))? {
             // A record alone under its own key (the common case of a replay): no table to read.
             Some(value) if !log::is_chunk(&value) => Some(value),
-            _ => {
-                *chunk = log::value_at(tree, position)?.map(|(_, value)| value);
+            found => {
+                // A chunk keyed at this position; else the one holding it (or, if the chunk is
+                // damaged, `value_at`'s report of it).
+                *chunk = match found.and_then(|value| LogValue::parse(position, value).ok()) {
+                    Some(value) => Some(value),
+                    None => log::value_at(tree, position)?.map(|(_, value)| value),
+                };
                 chunk.as_ref().and_then(|c| c.find(position))
             }
         }

@@ -196,26 +196,20 @@ impl LogValue {
         (0..self.len()).map(|i| self.record(i))
     }
 
-    pub(super) fn first_position(&self) -> Option<u64> {
-        Some(
-            self.entries
-                .first()
-                .map_or(self.key_position, |(p, _, _)| *p),
-        )
+    fn first_position(&self) -> u64 {
+        self.entries
+            .first()
+            .map_or(self.key_position, |(p, _, _)| *p)
     }
 
-    pub(super) fn last_position(&self) -> Option<u64> {
-        Some(
-            self.entries
-                .last()
-                .map_or(self.key_position, |(p, _, _)| *p),
-        )
+    pub(super) fn last_position(&self) -> u64 {
+        self.entries
+            .last()
+            .map_or(self.key_position, |(p, _, _)| *p)
     }
 
     pub(super) fn holds(&self, position: u64) -> bool {
-        self.first_position()
-            .zip(self.last_position())
-            .is_some_and(|(first, last)| (first..=last).contains(&position))
+        (self.first_position()..=self.last_position()).contains(&position)
     }
 
     /// This value without the records at `positions`: the bytes to store instead, or `None`
@@ -360,7 +354,7 @@ pub(super) fn removals(tree: &sled::Tree, positions: &[u64]) -> Result<Vec<Rewri
             rest = &rest[1..];
             continue;
         };
-        let last = value.last_position().unwrap_or(position);
+        let last = value.last_position();
         let here = rest.iter().take_while(|p| **p <= last).count().max(1);
         writes.push((
             IVec::from(&keys::log_key(key_position)[..]),
@@ -386,10 +380,7 @@ mod tests {
         let value = LogValue::parse(7, IVec::from(bytes.clone()))?;
         assert_eq!(value.find(8).as_deref(), Some(&b"\x02eight!"[..]));
         assert_eq!(value.find(9), None);
-        assert_eq!(
-            (value.first_position(), value.last_position()),
-            (Some(7), Some(8))
-        );
+        assert_eq!((value.first_position(), value.last_position()), (7, 8));
         // What is left of a chunk is a chunk, at the same key, unless it is the record the key
         // names, which then stands alone.
         let rest = value.without(&[7]).map(IVec::from);

@@ -113,7 +113,7 @@ fn stored_head(tree: &sled::Tree) -> Result<u64, StoreError> {
     };
     // The last value's last record: a chunk is keyed by its first.
     let last_logged = match log::last_value(tree)? {
-        Some((key_position, value)) => value.last_position().unwrap_or(key_position),
+        Some((_, value)) => value.last_position(),
         None => 0,
     };
     Ok(recorded.max(last_logged))
