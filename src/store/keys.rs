@@ -167,9 +167,9 @@ pub(crate) struct LogRecord {
     pub(crate) previous: u64,
 }
 
-/// Where a log record stands in its append. An append too big for a chunk is written as ordered
-/// single-record values (see `store/sled/repair.rs`), so after a crash the log's last append
-/// may lack its closing record: every record before it says so.
+/// Where a log record stands in its append. An append too big for one chunk spreads over several
+/// (see `store/sled/repair.rs`), so after a crash the log's last append may lack its closing
+/// record: every record before it says so.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum AppendEnd<'a> {
     /// More events of the same append follow this one.

@@ -221,7 +221,7 @@ impl Committer {
             None => 0,
         };
         let tree = self.tree.clone();
-        for item in log::records_in(&tree, self.meta_checkpoint.saturating_add(1)..=self.head) {
+        for item in log::records_in(&tree, self.meta_checkpoint.saturating_add(1)..=self.head)? {
             let (position, record) = item?;
             let EventEnvelope {
                 stream,

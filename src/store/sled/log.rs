@@ -68,13 +68,10 @@ impl ChunkBuilder {
         let first = self.records.first()?.0;
         let mut records = std::mem::take(&mut self.records);
         self.bytes = 0;
-        let value = match records.pop() {
-            Some((_, record)) if records.is_empty() => record,
-            Some(last) => {
-                records.push(last);
-                encode(&records)
-            }
-            None => return None,
+        let value = if records.len() == 1 {
+            records.swap_remove(0).1
+        } else {
+            encode(&records)
         };
         Some((IVec::from(&keys::log_key(first)[..]), value))
     }
@@ -166,6 +163,11 @@ impl LogValue {
         })
     }
 
+    /// [`Self::parse`], with a damaged value reported as a typed error.
+    fn read(key_position: u64, bytes: IVec) -> Result<Self, StoreError> {
+        Self::parse(key_position, bytes).map_err(|reason| corrupt(key_position, reason))
+    }
+
     /// How many records it holds.
     fn len(&self) -> usize {
         self.entries.len().max(1)
@@ -252,9 +254,7 @@ pub(super) fn value_at(
     position: u64,
 ) -> Result<Option<(u64, LogValue)>, StoreError> {
     if let Some(bytes) = tree.get(keys::log_key(position))? {
-        return LogValue::parse(position, bytes)
-            .map(|value| Some((position, value)))
-            .map_err(|reason| corrupt(position, reason));
+        return LogValue::read(position, bytes).map(|value| Some((position, value)));
     }
     let Some((key, bytes)) = tree.get_lt(keys::log_key(position))? else {
         return Ok(None);
@@ -262,7 +262,7 @@ pub(super) fn value_at(
     let Some(key_position) = log_position(&key) else {
         return Ok(None);
     };
-    let value = LogValue::parse(key_position, bytes).map_err(|r| corrupt(key_position, r))?;
+    let value = LogValue::read(key_position, bytes)?;
     Ok(value.holds(position).then_some((key_position, value)))
 }
 
@@ -272,19 +272,22 @@ pub(super) fn record_at(tree: &sled::Tree, position: u64) -> Result<Option<IVec>
 }
 
 /// The records at positions within `range`, in order, as `(position, record)`.
-pub(super) fn records_in(tree: &sled::Tree, range: RangeInclusive<u64>) -> RecordsIn {
+pub(super) fn records_in(
+    tree: &sled::Tree,
+    range: RangeInclusive<u64>,
+) -> Result<RecordsIn, StoreError> {
     let (from, to) = (*range.start(), *range.end());
     // The chunk holding `from` may start below it.
-    let start = match tree.get_lt(keys::log_key(from.saturating_add(1))) {
-        Ok(Some((key, _))) => log_position(&key).unwrap_or(from).min(from),
-        _ => from,
+    let start = match tree.get_lt(keys::log_key(from.saturating_add(1)))? {
+        Some((key, _)) => log_position(&key).unwrap_or(from),
+        None => from,
     };
-    RecordsIn {
+    Ok(RecordsIn {
         values: tree.range(keys::log_key(start)..=keys::log_key(to)),
         current: None,
         next: 0,
         range,
-    }
+    })
 }
 
 /// The iterator of [`records_in`].
@@ -315,13 +318,12 @@ impl Iterator for RecordsIn {
                 Ok(item) => item,
                 Err(e) => return Some(Err(e.into())),
             };
-            let key_position = log_position(&key).unwrap_or(0);
-            match LogValue::parse(key_position, bytes) {
+            match LogValue::read(log_position(&key).unwrap_or(0), bytes) {
                 Ok(value) => {
                     self.current = Some(value);
                     self.next = 0;
                 }
-                Err(reason) => return Some(Err(corrupt(key_position, reason))),
+                Err(e) => return Some(Err(e)),
             }
         }
     }
@@ -337,8 +339,7 @@ pub(super) fn last_value(tree: &sled::Tree) -> Result<Option<(u64, LogValue)>, S
     };
     let (key, bytes) = item?;
     let key_position = log_position(&key).unwrap_or(0);
-    let value = LogValue::parse(key_position, bytes).map_err(|r| corrupt(key_position, r))?;
-    Ok(Some((key_position, value)))
+    Ok(Some((key_position, LogValue::read(key_position, bytes)?)))
 }
 
 /// A log value to store again (`Some`) or remove (`None`).

@@ -370,7 +370,7 @@ impl EventStore for SledStore {
         }
         self.read(move |tree| {
             let mut out = Vec::with_capacity(max.min(4096));
-            for item in log::records_in(tree, from.max(1)..=head) {
+            for item in log::records_in(tree, from.max(1)..=head)? {
                 let (position, record) = item?;
                 out.push(decode_log_record(&record, position)?);
                 if out.len() >= max {

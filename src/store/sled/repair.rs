@@ -37,7 +37,7 @@ use crate::store::{CommandRecord, EventEnvelope, StoreError};
 
 use sled::IVec;
 
-use super::log::LogValue;
+use super::log;
 use super::log_stream;
 
 /// What a repair changed.
@@ -59,16 +59,15 @@ impl TailRepair {
 /// the last whole appends.
 pub(super) fn repair_tail(tree: &sled::Tree) -> Result<TailRepair, StoreError> {
     let mut repair = TailRepair::default();
-    while let Some(item) = tree
-        .range(keys::log_key(0)..=keys::log_key(u64::MAX))
-        .next_back()
-    {
-        let (key, bytes) = item?;
-        let key_position = keys::trailing_u64(&key).unwrap_or(0);
-        let Ok(value) = LogValue::parse(key_position, bytes) else {
+    loop {
+        let (key_position, value) = match log::last_value(tree) {
+            Ok(Some(last)) => last,
+            Ok(None) => return Ok(repair),
             // Not ours to judge here: reading it reports the damage.
-            return Ok(repair);
+            Err(StoreError::Decode { .. }) => return Ok(repair),
+            Err(e) => return Err(e),
         };
+        let key = keys::log_key(key_position);
         let records: Vec<(u64, IVec)> = value.records().collect();
         // The records a cut append left at the end: they say `Continues`. (An undecodable one
         // ends the search: reading it reports the damage.)
@@ -83,32 +82,27 @@ pub(super) fn repair_tail(tree: &sled::Tree) -> Result<TailRepair, StoreError> {
             })
             .count();
         let (kept, doomed) = records.split_at(records.len() - cut);
-        if doomed.is_empty() {
+        if !doomed.is_empty() {
+            // The index entries first: a crash between the two leaves the records, which the
+            // next open removes, never an entry pointing at nothing.
+            for (position, record) in doomed {
+                remove_index_entry(tree, *position, record)?;
+            }
+            let positions: Vec<u64> = doomed.iter().map(|(position, _)| *position).collect();
+            repair.removed += positions.len() as u64;
+            match value.without(&positions) {
+                Some(rest) => drop(tree.insert(key, rest)?),
+                None => drop(tree.remove(key)?),
+            }
+        }
+        if !kept.is_empty() {
             for (position, record) in kept {
                 restore_followers(tree, *position, record, &mut repair)?;
             }
             return Ok(repair);
         }
-        // The index entries first: a crash between the two leaves the records, which the next
-        // open removes, never an entry pointing at nothing.
-        for (position, record) in doomed {
-            remove_index_entry(tree, *position, record)?;
-        }
-        let positions: Vec<u64> = doomed.iter().map(|(position, _)| *position).collect();
-        repair.removed += positions.len() as u64;
-        match value.without(&positions) {
-            // The whole value belonged to the cut append: its start may be further back.
-            None => drop(tree.remove(&key)?),
-            Some(rest) => {
-                tree.insert(&key, rest)?;
-                for (position, record) in kept {
-                    restore_followers(tree, *position, record, &mut repair)?;
-                }
-                return Ok(repair);
-            }
-        }
+        // The whole value belonged to the cut append: its start may be further back.
     }
-    Ok(repair)
 }
 
 /// Removes the index entry of a cut append's record, if it has one.
