@@ -76,6 +76,6 @@ pub use saga::{
 };
 pub use store::{
     AppendRequest, AppendResult, Causation, CommandRecord, Durability, EventEnvelope, EventStore,
-    KvWrite, MemoryStore, Metadata, NewEvent, RecordedOutcome, SledStore, SledStoreConfig,
+    KvWrite, LogPage, MemoryStore, Metadata, NewEvent, RecordedOutcome, SledStore, SledStoreConfig,
     SnapshotCriteria, SnapshotRecord, StoreError, StreamSlice, MAX_RECORD_BYTES,
 };

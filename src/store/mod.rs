@@ -8,6 +8,7 @@
 mod envelope;
 mod error;
 mod keys;
+mod log_page;
 mod memory;
 mod sled;
 
@@ -20,6 +21,7 @@ pub use envelope::{
     Causation, CommandRecord, EventEnvelope, Metadata, NewEvent, RecordedOutcome, SnapshotRecord,
 };
 pub use error::StoreError;
+pub use log_page::LogPage;
 pub use memory::MemoryStore;
 
 use crate::domain::StreamId;
@@ -190,6 +192,13 @@ pub trait EventStore: Send + Sync + 'static {
     /// Up to `max` events of the global log from position `from` (inclusive) in position order.
     /// Positions of deleted events are skipped. Only committed (acknowledged) events are read.
     async fn read_log(&self, from: u64, max: usize) -> Result<Vec<EventEnvelope>, StoreError>;
+
+    /// [`read_log`](Self::read_log) for a reader that handles the events on another thread than
+    /// the read: each event of the page is decoded when taken from it. The default decodes
+    /// them all in the read; [`SledStore`] leaves it to the taker.
+    async fn read_log_page(&self, from: u64, max: usize) -> Result<LogPage, StoreError> {
+        Ok(self.read_log(from, max).await?.into())
+    }
 
     /// The global position of the last committed event (0 when empty).
     fn head(&self) -> u64;

@@ -10,6 +10,7 @@ use incarnate_actors::account::{Account, AccountCommand, AccountEvent};
 use crate::projection_support::{
     builder, committed_checkpoint, counts, once, temp_db, Attempt, Fault, Probe,
 };
+use crate::support::{log_key, overwrite};
 
 async fn send(rt: &Runtime, id: &str, command: AccountCommand) -> u64 {
     let done = rt.send::<Account>(id, command).await.unwrap();
@@ -290,5 +291,51 @@ async fn q5_retry_backs_off_then_skips_or_stops() {
     rt.wait_for_projection("retry_stop", 4).await.unwrap();
     assert_eq!(stop_log.handled(), vec![1, 2, 3, 4]);
     assert_eq!(counts(&*store, "retry_stop_seen").await, once(1..=4));
+    rt.shutdown().await.unwrap();
+}
+
+/// A record of the log whose envelope cannot be decoded (damaged on disk): the projector handles
+/// and commits the events before it, does not pass it (it reads it again and again), and carries
+/// on once the damaged event is deleted from its stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_record_holds_the_projector_before_it_until_it_is_deleted() {
+    let (_dir, path) = temp_db();
+    let rt = builder(&path).build().unwrap();
+    open(&rt, "a").await;
+    deposit(&rt, "a").await;
+    let damaged = deposit(&rt, "a").await;
+    open(&rt, "b").await;
+    let last = deposit(&rt, "b").await;
+    rt.shutdown().await.unwrap();
+    // Each command was a commit of its own: the damaged event is a log value of its own.
+    overwrite(&path, &log_key(damaged), b"\x01\xc1not a log record");
+
+    let probe = Probe::new("garbled", "garbled_seen");
+    let log = probe.log();
+    let rt = builder(&path).projector(probe).build().unwrap();
+    let store = rt.store();
+    rt.wait_for_projection("garbled", damaged - 1)
+        .await
+        .unwrap();
+    let passed = tokio::time::timeout(
+        Duration::from_millis(300),
+        rt.wait_for_projection("garbled", damaged),
+    )
+    .await;
+    assert!(passed.is_err(), "the projector passed the damaged record");
+    assert_eq!(log.handled(), [1, 2]);
+    assert_eq!(committed_checkpoint(store.as_ref(), "garbled").await, 2);
+    let status = rt.projection_status("garbled").unwrap();
+    assert_eq!(
+        (status.processed, status.state),
+        (2, ProjectorState::Running)
+    );
+
+    store
+        .delete_to(&incarnate::StreamId::new("account", "a"), 3)
+        .await
+        .unwrap();
+    rt.wait_for_projection("garbled", last).await.unwrap();
+    assert_eq!(log.handled(), [1, 2, 4, 5]);
     rt.shutdown().await.unwrap();
 }

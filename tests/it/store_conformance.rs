@@ -674,6 +674,18 @@ pub(crate) async fn j8_global_log_is_gap_free_ordered_and_inclusive(h: &mut Harn
         paged.extend(page);
     }
     assert_eq!(paged, log);
+    // Pages that decode as they are taken hold the same events.
+    for (from, max) in [(1, usize::MAX), (3, 4), (n, 10), (n + 1, 10)] {
+        let page = store.read_log_page(from, max).await.unwrap();
+        let last = page.last_position();
+        let events: Vec<_> = page.map(Result::unwrap).collect();
+        assert_eq!(events, store.read_log(from, max).await.unwrap());
+        assert_eq!(last, events.last().map(|e| e.position));
+    }
+    let mut page = store.read_log_page(1, usize::MAX).await.unwrap();
+    page.skip_through(5);
+    assert_eq!(page.len() as u64, n - 5);
+    assert_eq!(page.next().unwrap().unwrap(), log[5]);
 
     // Deleting events removes their positions from the log and renumbers nothing.
     store.delete_to(&streams[0], 3).await.unwrap();
@@ -1195,7 +1207,6 @@ pub(crate) async fn closed_store_refuses_calls(h: &mut Harness) {
 /// record's stream and sequence (S5).
 mod sled_only {
     use std::path::Path;
-    use std::time::{Duration, Instant};
 
     use incarnate::{
         AppendRequest, CommandRecord, RecordedOutcome, SnapshotCriteria, StoreError, StreamId,
@@ -1203,10 +1214,10 @@ mod sled_only {
     use uuid::Uuid;
 
     use super::{bounds, fixture, p, snapshot_fixture};
-    use crate::support::{append_n, events_for, payload_of, read_all, sled_harness};
-
-    /// The store's single tree (see `src/store/keys.rs` for the layout).
-    const TREE: &str = "incarnate";
+    use crate::support::{
+        append_n, events_for, log_key, open_raw, overwrite, payload_of, read_all, sled_harness,
+        TREE,
+    };
 
     /// `prefix` + length-prefixed type + length-prefixed id + `sequence`, as the store keys
     /// per-stream records.
@@ -1427,39 +1438,6 @@ mod sled_only {
             .collect()
     }
 
-    fn log_key(position: u64) -> Vec<u8> {
-        let mut key = vec![b'L'];
-        key.extend_from_slice(&position.to_be_bytes());
-        key
-    }
-
-    /// Opens the database directly. sled's I/O threads can hold its lock a moment after the
-    /// store closed (`SledStore::open` waits the same way), so a refused lock is retried.
-    fn open_raw(path: &Path) -> ::sled::Db {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            match ::sled::open(path) {
-                Ok(db) => return db,
-                Err(::sled::Error::Io(e))
-                    if e.to_string().starts_with("could not acquire lock")
-                        && Instant::now() < deadline =>
-                {
-                    std::thread::yield_now();
-                }
-                Err(e) => panic!("open {}: {e}", path.display()),
-            }
-        }
-    }
-
-    /// Overwrites the value at `key` (which must exist) with `garbage`.
-    fn overwrite(path: &Path, key: &[u8], garbage: &[u8]) {
-        let db = open_raw(path);
-        let tree = db.open_tree(TREE).unwrap();
-        let old = tree.insert(key, garbage).unwrap();
-        assert!(old.is_some(), "no record at {key:?}");
-        db.flush().unwrap();
-    }
-
     fn assert_decode_error(
         result: Result<impl std::fmt::Debug, StoreError>,
         what: &str,
@@ -1677,6 +1655,18 @@ mod sled_only {
         let result = store.read_log(1, usize::MAX).await;
         assert_decode_error(result, "event envelope", &StreamId::new("$log", ""), 2);
         assert_eq!(store.read_log(3, usize::MAX).await.unwrap().len(), 3);
+        // A page that decodes as its events are taken yields those before it and after it.
+        let mut page = store.read_log_page(1, usize::MAX).await.unwrap();
+        assert_eq!(page.len(), 5);
+        assert_eq!(page.next().unwrap().unwrap().position, 1);
+        assert_decode_error(
+            page.next().unwrap(),
+            "event envelope",
+            &StreamId::new("$log", ""),
+            2,
+        );
+        let rest: Vec<u64> = page.map(|e| e.unwrap().position).collect();
+        assert_eq!(rest, [3, 4, 5]);
         // Deleting past the corrupt event makes the stream readable again.
         store.delete_to(&p(), 2).await.unwrap();
         assert_eq!(read_all(store, &p()).await.events.len(), 3);

@@ -234,3 +234,40 @@ pub(crate) fn test_config(path: &Path) -> Config {
 pub(crate) async fn shutdown(rt: Runtime) {
     rt.shutdown().await.expect("shutdown");
 }
+
+/// The sled store's single tree (see `src/store/keys.rs` for the layout).
+pub(crate) const TREE: &str = "incarnate";
+
+/// The key of the log value at `position` (a lone record, or the chunk starting there).
+pub(crate) fn log_key(position: u64) -> Vec<u8> {
+    let mut key = vec![b'L'];
+    key.extend_from_slice(&position.to_be_bytes());
+    key
+}
+
+/// Opens the database directly. sled's I/O threads can hold its lock a moment after the
+/// store closed (`SledStore::open` waits the same way), so a refused lock is retried.
+pub(crate) fn open_raw(path: &Path) -> ::sled::Db {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match ::sled::open(path) {
+            Ok(db) => return db,
+            Err(::sled::Error::Io(e))
+                if e.to_string().starts_with("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::yield_now();
+            }
+            Err(e) => panic!("open {}: {e}", path.display()),
+        }
+    }
+}
+
+/// Overwrites the value at `key` (which must exist) with `garbage`.
+pub(crate) fn overwrite(path: &Path, key: &[u8], garbage: &[u8]) {
+    let db = open_raw(path);
+    let tree = db.open_tree(TREE).unwrap();
+    let old = tree.insert(key, garbage).unwrap();
+    assert!(old.is_some(), "no record at {key:?}");
+    db.flush().unwrap();
+}

@@ -191,6 +191,7 @@ fn run_round(
                     })
                 },
                 name,
+                true,
             )
         },
         || raw_scan(&path, total),
@@ -209,6 +210,7 @@ fn run_round(
             total,
             |b| b.projector(AccountBalances),
             AccountBalances::NAME,
+            false,
         )?;
         samples.push(Sample {
             name: "projection_catchup_balances",
@@ -222,13 +224,15 @@ fn run_round(
     Ok(samples)
 }
 
-/// Starts a runtime with the projector `add` registers, times its catch-up to the head.
+/// Starts a runtime with the projector `add` registers, times its catch-up to the head (within
+/// the `--perf-control` window if `profile`).
 fn catch_up(
     runtime: &Runtime,
     path: &std::path::Path,
     total: usize,
     add: impl FnOnce(incarnate::RuntimeBuilder) -> incarnate::RuntimeBuilder,
     name: &str,
+    profile: bool,
 ) -> Result<f64, BoxError> {
     let path = path.to_path_buf();
     let builder = incarnate::Runtime::builder().configure(|c| {
@@ -240,7 +244,12 @@ fn catch_up(
     let start = Instant::now();
     runtime.block_on(async {
         let head = rt.store().head();
-        rt.wait_for_projection(name, head).await?;
+        let caught_up = async { Ok(rt.wait_for_projection(name, head).await?) };
+        if profile {
+            super::support::profiled(caught_up).await?;
+        } else {
+            caught_up.await?;
+        }
         let elapsed = start.elapsed();
         let status = rt.projection_status(name)?;
         rt.shutdown().await?;

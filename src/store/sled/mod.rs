@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::keys::{self, LogRecord};
 use super::{
-    AppendRequest, AppendResult, CommandRecord, EventEnvelope, EventStore, KvWrite,
+    AppendRequest, AppendResult, CommandRecord, EventEnvelope, EventStore, KvWrite, LogPage,
     RecordedOutcome, SnapshotCriteria, SnapshotRecord, StoreError, StreamSlice,
 };
 use crate::domain::StreamId;
@@ -281,6 +281,24 @@ fn decode_log_record(bytes: &[u8], position: u64) -> Result<EventEnvelope, Store
     EventEnvelope::decode(envelope.1, log_stream(), position)
 }
 
+/// Up to `max` records of the log from `from` to `head`, undecoded.
+fn read_log_page(
+    tree: &sled::Tree,
+    from: u64,
+    head: u64,
+    max: usize,
+) -> Result<LogPage, StoreError> {
+    let mut page = LogPage::encoded(decode_log_record, max.min(4096));
+    for item in log::records_in(tree, from.max(1)..=head)? {
+        let (position, record) = item?;
+        page.push_encoded(position, &record);
+        if page.len() >= max {
+            break;
+        }
+    }
+    Ok(page)
+}
+
 /// The pseudo-stream that names a log record by position in errors. Shared: decoding the log
 /// names it for every record, and building it each time cost an allocation per event read.
 fn log_stream() -> &'static StreamId {
@@ -368,18 +386,17 @@ impl EventStore for SledStore {
         if max == 0 || from > head {
             return Ok(Vec::new());
         }
-        self.read(move |tree| {
-            let mut out = Vec::with_capacity(max.min(4096));
-            for item in log::records_in(tree, from.max(1)..=head)? {
-                let (position, record) = item?;
-                out.push(decode_log_record(&record, position)?);
-                if out.len() >= max {
-                    break;
-                }
-            }
-            Ok(out)
-        })
-        .await
+        self.read(move |tree| read_log_page(tree, from, head, max)?.collect())
+            .await
+    }
+
+    async fn read_log_page(&self, from: u64, max: usize) -> Result<LogPage, StoreError> {
+        let head = self.head();
+        if max == 0 || from > head {
+            return Ok(LogPage::default());
+        }
+        self.read(move |tree| read_log_page(tree, from, head, max))
+            .await
     }
 
     fn head(&self) -> u64 {
