@@ -1209,7 +1209,8 @@ mod sled_only {
     use std::path::Path;
 
     use incarnate::{
-        AppendRequest, CommandRecord, RecordedOutcome, SnapshotCriteria, StoreError, StreamId,
+        AppendRequest, CommandRecord, RecordedOutcome, SnapshotCriteria, SnapshotRecord,
+        StoreError, StreamId,
     };
     use uuid::Uuid;
 
@@ -1633,6 +1634,42 @@ mod sled_only {
             .await
             .unwrap();
         assert_eq!(s5.map(|s| s.sequence), Some(15));
+        h.close().await;
+    }
+
+    /// Values big enough that sled writes their leaves to blob files of their own: acknowledged
+    /// in `sync` mode (which fsyncs those files too, see `store/sled/durable.rs`) and whole
+    /// after a reopen.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn snapshots_that_sled_stores_in_blob_files_are_read_back_after_a_reopen() {
+        let mut h = sled_harness();
+        let stream = |i: u32| StreamId::new("big", format!("s{i}"));
+        let payload = |i: u32| vec![i as u8; 60 * 1024];
+        for i in 0..24 {
+            let snapshot = SnapshotRecord {
+                stream: stream(i),
+                sequence: 1,
+                timestamp_micros: 1,
+                schema_version: 1,
+                payload: payload(i),
+            };
+            h.store().save_snapshot(snapshot).await.unwrap();
+        }
+        let blobs = h.path().unwrap().join("blobs");
+        assert!(
+            std::fs::read_dir(&blobs).unwrap().count() > 0,
+            "no blob file was written: the test does not cover them"
+        );
+        h.reopen().await;
+        for i in 0..24 {
+            let snapshot = h
+                .store()
+                .latest_snapshot(&stream(i), SnapshotCriteria::latest())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(snapshot.payload, payload(i), "snapshot {i}");
+        }
         h.close().await;
     }
 

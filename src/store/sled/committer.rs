@@ -1,7 +1,6 @@
 //! The single writer of the embedded store.
 
 use std::collections::{HashMap, VecDeque};
-use std::fs::File;
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,6 +8,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::chain::{self, DirtyMetas};
+use super::durable::DataFiles;
 use super::log::{self, ChunkBuilder};
 use super::{decode_log_record, Durability, SledStoreConfig, MAX_RECORD_BYTES};
 use crate::domain::StreamId;
@@ -105,7 +105,7 @@ impl Pending {
 pub(super) struct Committer {
     db: sled::Db,
     tree: sled::Tree,
-    data_file: File,
+    files: Arc<DataFiles>,
     config: SledStoreConfig,
     head: u64,
     /// Publishes heads and sends replies once a batch is as durable as configured.
@@ -190,7 +190,7 @@ impl Committer {
     pub(super) fn new(
         db: sled::Db,
         tree: sled::Tree,
-        data_file: File,
+        files: Arc<DataFiles>,
         config: SledStoreConfig,
         head: u64,
         head_tx: watch::Sender<u64>,
@@ -199,7 +199,7 @@ impl Committer {
         Self {
             db,
             tree,
-            data_file,
+            files,
             config,
             head,
             acks: Acks::Inline(head_tx),
@@ -334,10 +334,7 @@ impl Committer {
     /// next batch is applied while the previous one is being synced; batches applied during a
     /// sync share the next one.
     fn start_syncer(&mut self) {
-        let Ok(file) = self.data_file.try_clone() else {
-            tracing::error!("cannot clone the data file handle; syncing on the committer");
-            return;
-        };
+        let files = self.files.clone();
         let (tx, rx) = std_mpsc::channel::<Applied>();
         let db = self.db.clone();
         let Acks::Inline(head_tx) = &self.acks else {
@@ -351,7 +348,7 @@ impl Committer {
                 while let Ok(first) = rx.recv() {
                     let mut group = vec![first];
                     group.extend(rx.try_iter());
-                    finish(group, Some(&thread_head_tx), flush_and_sync(&db, &file));
+                    finish(group, Some(&thread_head_tx), files.flush_and_sync(&db));
                 }
             });
         match spawned {
@@ -376,14 +373,14 @@ impl Committer {
         };
         let (stop_tx, stop_rx) = std_mpsc::channel::<()>();
         let db = self.db.clone();
-        let file = self.data_file.try_clone().ok()?;
+        let files = self.files.clone();
         let interval = Duration::from_millis(flush_interval_ms.max(1));
         let spawned = std::thread::Builder::new()
             .name("incarnate-flusher".into())
             .spawn(move || {
                 while let Err(std_mpsc::RecvTimeoutError::Timeout) = stop_rx.recv_timeout(interval)
                 {
-                    if let Err(e) = flush_and_sync(&db, &file) {
+                    if let Err(e) = files.flush_and_sync(&db) {
                         tracing::error!(error = %e, "background flush failed");
                     }
                 }
@@ -399,7 +396,7 @@ impl Committer {
 
     /// Flush sled's buffers, then fsync the data file (see `SledStore::open` for why both).
     fn sync(&self) -> Result<(), StoreError> {
-        flush_and_sync(&self.db, &self.data_file)
+        self.files.flush_and_sync(&self.db)
     }
 
     fn plan(&mut self, op: WriteOp, plan: &mut Plan) {
@@ -1003,13 +1000,6 @@ fn finish(
             }
         }
     }
-}
-
-/// Flushes sled's buffers, then fsyncs the data file (see `SledStore::open` for why both).
-pub(super) fn flush_and_sync(db: &sled::Db, data_file: &File) -> Result<(), StoreError> {
-    db.flush()?;
-    data_file.sync_data()?;
-    Ok(())
 }
 
 fn check_size(len: usize, what: &str) -> Result<(), StoreError> {

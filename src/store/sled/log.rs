@@ -33,9 +33,9 @@ const CHUNK_HEADER: usize = 5;
 /// Per record: position and length.
 const ENTRY: usize = 12;
 /// The most a chunk holds (but a record larger than this is a value of its own). sled writes any
-/// log item over a quarter of its 512 KiB segments to a separate blob file that its flush does
-/// not fsync, and a leaf node (up to 17 values) is one such item when sled rewrites it: 17
-/// chunks must stay well under 128 KiB. A typical commit group of small events fits in one or
+/// log item over a quarter of its 512 KiB segments to a blob file of its own (which the store
+/// must then fsync separately, see `durable.rs`), and a leaf node (up to 17 values) is one such
+/// item when sled rewrites it: 17 chunks must stay well under 128 KiB. A typical commit group of small events fits in one or
 /// two chunks; an append too big for one spreads over several (see `Committer::plan_append`).
 const CHUNK_BYTES: usize = 4 * 1024;
 

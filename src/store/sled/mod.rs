@@ -8,10 +8,10 @@
 
 mod chain;
 mod committer;
+mod durable;
 mod log;
 mod repair;
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -28,6 +28,7 @@ use super::{
 use crate::domain::StreamId;
 use chain::DirtyMetas;
 use committer::{Committer, WriteOp};
+use durable::DataFiles;
 
 /// When an acknowledged write is on disk.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,8 +78,9 @@ impl SledStoreConfig {
     }
 }
 
-/// The largest encoded event (or other record) the store accepts. sled writes larger values to
-/// separate blob files that its flush does not fsync, so they could not be made durable.
+/// The largest encoded event (or other record) the store accepts. sled writes any item over a
+/// quarter of its 512 KiB segments (a value this big, or a leaf holding a few) to a file of its
+/// own, which then costs a file creation and an fsync of its own on every commit that writes it.
 pub const MAX_RECORD_BYTES: usize = 64 * 1024;
 
 /// The embedded, durable event store. Cheap to clone; every clone shares one database.
@@ -126,11 +128,8 @@ impl SledStore {
         std::fs::create_dir_all(&config.path)?;
         let db = open_db(&config)?;
         let tree = db.open_tree("incarnate")?;
-        // sled 0.34's `flush()` ends in `sync_file_range`, which neither flushes the device's
-        // write cache nor the file's metadata (sled #1351, #1452): we fsync the data file
-        // ourselves. The directory is synced once so a freshly created file's entry is durable.
-        let data_file = File::open(config.path.join("db"))?;
-        File::open(&config.path)?.sync_all()?;
+        // Every commit's durability goes through these (see `DataFiles::flush_and_sync`).
+        let files = Arc::new(DataFiles::open(&config.path)?);
         check_layout(&tree)?;
         let repair = repair::repair_tail(&tree)?;
         if repair.changed() {
@@ -139,7 +138,7 @@ impl SledStore {
                 restored = repair.restored,
                 "completed the log's tail after a crash"
             );
-            committer::flush_and_sync(&db, &data_file)?;
+            files.flush_and_sync(&db)?;
         }
 
         let head = stored_head(&tree)?;
@@ -149,7 +148,7 @@ impl SledStore {
         let mut committer = Committer::new(
             db,
             tree.clone(),
-            data_file,
+            files,
             config.clone(),
             head,
             head_tx,
