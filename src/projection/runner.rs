@@ -225,6 +225,7 @@ pub(crate) fn spawn_projector<P: Projector>(
         rebuild_until: None,
         last_checkpoint: Instant::now(),
         ahead: VecDeque::new(),
+        deferred: None,
     };
     // The runner lives on one arbiter thread like an actor, so the projector need not be `Sync`.
     arbiter.spawn_fn(move || {
@@ -256,6 +257,8 @@ struct Runner<P: Projector> {
     /// Reads started ahead, in position order, each from where the one before it ends if no
     /// event in between was deleted.
     ahead: VecDeque<PendingRead>,
+    /// A control request that cut a retry back-off short, handled before anything else.
+    deferred: Option<Control>,
 }
 
 /// Where a batch stands: the last position handled (or skipped), and its counts.
@@ -269,6 +272,8 @@ enum Handled {
     Ok,
     Parked(DeadLetter),
     Stop(String),
+    /// A control request came during a retry back-off: the event is left unhandled.
+    Interrupted,
 }
 
 impl<P: Projector> Runner<P> {
@@ -288,6 +293,11 @@ impl<P: Projector> Runner<P> {
         let mut head = self.store.watch_head();
         loop {
             // Control requests first: they are rare and must not wait behind a long catch-up.
+            if let Some(control) = self.deferred.take() {
+                if !self.on_control(control).await {
+                    return;
+                }
+            }
             while let Ok(control) = self.control.try_recv() {
                 if !self.on_control(control).await {
                     return;
@@ -491,7 +501,7 @@ impl<P: Projector> Runner<P> {
                     return;
                 }
             };
-            if self.stopped.is_some() {
+            if self.stopped.is_some() || self.deferred.is_some() {
                 self.ahead.clear();
                 break;
             }
@@ -594,6 +604,9 @@ impl<P: Projector> Runner<P> {
                         self.stopped = Some(format!("event {}: {error}", envelope.position));
                         return Ok(());
                     }
+                    // The batch commits what comes before the event; the request is handled
+                    // next, and the event again after it.
+                    Handled::Interrupted => return Ok(()),
                 }
             }
             batch.last = envelope.position;
@@ -641,7 +654,18 @@ impl<P: Projector> Runner<P> {
                         };
                     }
                     let delay = backoff_ms.saturating_mul(1 << (attempt - 1).min(16));
-                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                    // A stop (at shutdown), rebuild or replay must not wait out a back-off that
+                    // can last minutes.
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
+                        control = self.control.recv() => {
+                            match control {
+                                Some(control) => self.deferred = Some(control),
+                                None => self.stopped = Some("the runtime is gone".into()),
+                            }
+                            return Handled::Interrupted;
+                        }
+                    }
                 }
             }
         }

@@ -4,13 +4,13 @@
 
 use std::time::Duration;
 
-use incarnate::{OnError, ProjectionError, ProjectorOptions, ProjectorState, Runtime};
+use incarnate::{EventStore, OnError, ProjectionError, ProjectorOptions, ProjectorState, Runtime};
 use incarnate_actors::account::{Account, AccountCommand, AccountEvent};
 
 use crate::projection_support::{
     builder, committed_checkpoint, counts, once, temp_db, Attempt, Fault, Probe,
 };
-use crate::support::{log_key, overwrite};
+use crate::support::{log_key, open_sled, overwrite};
 
 async fn send(rt: &Runtime, id: &str, command: AccountCommand) -> u64 {
     let done = rt.send::<Account>(id, command).await.unwrap();
@@ -337,5 +337,55 @@ async fn an_undecodable_record_holds_the_projector_before_it_until_it_is_deleted
         .unwrap();
     rt.wait_for_projection("garbled", last).await.unwrap();
     assert_eq!(log.handled(), [1, 2, 4, 5]);
+    rt.shutdown().await.unwrap();
+}
+
+/// A stop (here: the runtime shutting down) that comes while a projector waits out a retry
+/// back-off does not wait for it: the batch commits the events before the failing one, and the
+/// failing event is handled again, once, after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_cuts_a_retry_back_off_short_and_the_event_is_handled_after_the_restart() {
+    let (_dir, path) = temp_db();
+    let retrying = ProjectorOptions {
+        on_error: OnError::Retry {
+            attempts: 3,
+            backoff_ms: 600_000,
+            then_skip: false,
+        },
+        ..ProjectorOptions::default()
+    };
+    let probe = Probe::new("patient", "patient_seen");
+    let (faults, log, gate) = (probe.faults(), probe.log(), probe.gate());
+    faults.set("poison", Fault::Always);
+    gate.arm(2);
+    let rt = builder(&path)
+        .projector_with(probe, retrying)
+        .build()
+        .unwrap();
+    open(&rt, "a").await; // 1
+    open(&rt, "poison").await; // 2
+    assert_eq!(deposit(&rt, "a").await, 3);
+    // The first attempt at 2 runs, fails, and the ten-minute back-off begins.
+    gate.entered().await;
+    gate.open();
+    let shutdown = tokio::time::timeout(Duration::from_secs(30), rt.shutdown()).await;
+    assert!(
+        matches!(shutdown, Ok(Ok(()))),
+        "the shutdown waited for the back-off: {shutdown:?}"
+    );
+    assert_eq!(log.handled(), [1]);
+    assert!(log.attempts_at(2).iter().all(|a| !a.ok));
+    let stopped = open_sled(&path);
+    assert_eq!(committed_checkpoint(&stopped, "patient").await, 1);
+    stopped.close().await.unwrap();
+    drop(stopped);
+
+    let rt = builder(&path)
+        .projector_with(Probe::new("patient", "patient_seen"), retrying)
+        .build()
+        .unwrap();
+    let store = rt.store();
+    rt.wait_for_projection("patient", 3).await.unwrap();
+    assert_eq!(counts(store.as_ref(), "patient_seen").await, once(1..=3));
     rt.shutdown().await.unwrap();
 }
