@@ -9,7 +9,8 @@
 //!   name each round, so it starts from position 0), timed from the end of `build` until
 //!   `wait_for_projection(head)` returns. The projector is [`Folder`]: it decodes every
 //!   `AccountEvent` and folds each account's balance into memory, writing no read model; its
-//!   checkpoint is committed with every batch (exactly-once delivery, batches of 512).
+//!   checkpoint is committed with every batch (exactly-once delivery; reads of 512 events,
+//!   batches of up to 4,096 while it catches up).
 //! - baseline: the same database opened with raw sled after the runtime is shut down: a
 //!   `scan_prefix` of the log keyspace (`L` + position), each record decoded into the store's
 //!   `EventEnvelope` with rmp-serde, then the same `AccountEvent` decode and fold.
