@@ -74,6 +74,11 @@ pub struct TestOutcome<A: Aggregate> {
 
 impl<A: Aggregate> TestOutcome<A> {
     /// Asserts the command emitted exactly `expected`, in order; returns the state after them.
+    ///
+    /// # Panics
+    ///
+    /// As `assert_eq!` does, when the command was rejected or emitted other events: this is a
+    /// test assertion, called only from tests.
     pub fn then_expect_events(self, expected: impl IntoIterator<Item = A::Event>) -> A
     where
         A::Event: PartialEq,
@@ -95,6 +100,11 @@ impl<A: Aggregate> TestOutcome<A> {
     }
 
     /// Asserts the command was rejected with `expected`.
+    ///
+    /// # Panics
+    ///
+    /// As `assert_eq!` does, when the command emitted events or was rejected otherwise: a test
+    /// assertion, called only from tests.
     pub fn then_expect_error(self, expected: A::Error) {
         match self.result {
             Ok(events) => panic!("expected rejection {expected:?}, the command emitted {events:?}"),
