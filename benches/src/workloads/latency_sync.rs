@@ -8,6 +8,13 @@
 //!
 //! Baseline: the p50 of one durable write on this disk: 200 appends of 256 bytes to a file in a
 //! temporary directory, each followed by `fdatasync`.
+//!
+//! Two unloaded figures against the same baseline show what a single durable write costs
+//! before any queueing: `latency_sync_lone_p50`, incarnate's p50 over 200 deposits sent one
+//! after another to one account once the open-loop load has drained, and
+//! `latency_sync_sled_lone_p50`, raw sled's: 200 times one insert of a deposit record's size,
+//! `Db::flush()` and `fdatasync` of its data file, the least any write durable through sled
+//! costs.
 
 use std::fs::File;
 use std::io::Write as _;
@@ -18,11 +25,16 @@ use incarnate_actors::Account;
 use tokio::runtime::Runtime;
 
 use super::durable_many::{self, AGGREGATES, CALLERS, MEASURED};
-use super::node::{account_id, command_rate, deposit, open_all, runtime_at};
-use super::support::{self, alternate};
+use super::node::{
+    account_id, command_rate, deposit, deposit_record_len, open_all, raw_key, runtime_at,
+};
+use super::support::{self, alternate, open_raw_sled};
 use super::{Better, Sample, Settings, Workload};
 use crate::stats::median;
 use crate::BoxError;
+
+/// Durable writes timed one at a time, unloaded.
+const LONE: usize = 200;
 
 pub(crate) const WORKLOAD: Workload = Workload {
     name: "latency_sync",
@@ -39,7 +51,11 @@ fn run_round(
     let rate = target_rate(runtime, settings)?;
     let seconds = if settings.quick { 1.0 } else { 3.0 };
     let commands = (rate * seconds).round() as usize;
-    let (latencies, fsync) = alternate(round, || open_loop(runtime, rate, commands), fsync_p50)?;
+    let ((latencies, lone), (fsync, sled_lone)) = alternate(
+        round,
+        || open_loop(runtime, rate, commands),
+        unloaded_baselines,
+    )?;
     let fsync_us = fsync.as_secs_f64() * 1e6;
     Ok(vec![
         Sample {
@@ -54,6 +70,20 @@ fn run_round(
             unit: "µs",
             better: Better::Lower,
             value: percentile(&latencies, 0.99),
+            baseline: Some(fsync_us),
+        },
+        Sample {
+            name: "latency_sync_lone_p50",
+            unit: "µs",
+            better: Better::Lower,
+            value: lone,
+            baseline: Some(fsync_us),
+        },
+        Sample {
+            name: "latency_sync_sled_lone_p50",
+            unit: "µs",
+            better: Better::Lower,
+            value: sled_lone.as_secs_f64() * 1e6,
             baseline: Some(fsync_us),
         },
         Sample {
@@ -98,8 +128,9 @@ pub(crate) fn percentile(values: &[f64], p: f64) -> f64 {
     sorted[rank - 1]
 }
 
-/// Sends `commands` deposits open-loop at `rate` per second; returns each latency in µs.
-fn open_loop(runtime: &Runtime, rate: f64, commands: usize) -> Result<Vec<f64>, BoxError> {
+/// Sends `commands` deposits open-loop at `rate` per second; returns each latency in µs, and
+/// then the p50 in µs of [`LONE`] deposits sent one after another.
+fn open_loop(runtime: &Runtime, rate: f64, commands: usize) -> Result<(Vec<f64>, f64), BoxError> {
     let dir = tempfile::tempdir()?;
     let rt = runtime_at(dir.path(), DurabilityMode::Sync, |_| {})?;
     let result = runtime.block_on(async {
@@ -113,11 +144,42 @@ fn open_loop(runtime: &Runtime, rate: f64, commands: usize) -> Result<Vec<f64>, 
             }
         }))
         .await?;
+        let mut lone = Vec::with_capacity(LONE);
+        for _ in 0..LONE {
+            let started = Instant::now();
+            rt.send::<Account>(account_id(0), deposit()).await?;
+            lone.push(started.elapsed().as_secs_f64() * 1e6);
+        }
         rt.shutdown().await?;
-        Ok::<_, BoxError>(latencies)
+        Ok::<_, BoxError>((latencies, median(&lone)))
     });
     drop(dir);
     result
+}
+
+/// The unloaded durable writes incarnate is compared with: [`fsync_p50`] and
+/// [`sled_lone_p50`].
+fn unloaded_baselines() -> Result<(Duration, Duration), BoxError> {
+    Ok((fsync_p50()?, sled_lone_p50()?))
+}
+
+/// The median of [`LONE`] writes made durable through raw sled one at a time: an insert of a
+/// deposit record's size, `Db::flush()` and `fdatasync` of the data file (what the store's
+/// syncer does for a group of one).
+fn sled_lone_p50() -> Result<Duration, BoxError> {
+    let dir = tempfile::tempdir()?;
+    let (db, tree) = open_raw_sled(dir.path())?;
+    let data_file = File::open(dir.path().join("db"))?;
+    let value = vec![0x5a_u8; deposit_record_len()?];
+    let mut times = Vec::with_capacity(LONE);
+    for i in 0..LONE {
+        let t = Instant::now();
+        tree.insert(raw_key(i, 1), &value[..])?;
+        db.flush()?;
+        data_file.sync_data()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    Ok(Duration::from_secs_f64(median(&times)))
 }
 
 /// The median of 200 `write(256 B)` + `fdatasync` on a file in a temporary directory.
