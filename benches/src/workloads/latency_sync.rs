@@ -33,7 +33,7 @@ use super::{Better, Sample, Settings, Workload};
 use crate::stats::median;
 use crate::BoxError;
 
-/// Durable writes timed one at a time, unloaded.
+/// Durable writes timed one at a time, unloaded (for each of the three unloaded figures).
 const LONE: usize = 200;
 
 pub(crate) const WORKLOAD: Workload = Workload {
@@ -182,13 +182,13 @@ fn sled_lone_p50() -> Result<Duration, BoxError> {
     Ok(Duration::from_secs_f64(median(&times)))
 }
 
-/// The median of 200 `write(256 B)` + `fdatasync` on a file in a temporary directory.
+/// The median of [`LONE`] `write(256 B)` + `fdatasync` on a file in a temporary directory.
 pub(crate) fn fsync_p50() -> Result<Duration, BoxError> {
     let dir = tempfile::tempdir()?;
     let mut file = File::create(dir.path().join("fsync"))?;
     let block = [0xa5_u8; 256];
-    let mut times = Vec::with_capacity(200);
-    for _ in 0..200 {
+    let mut times = Vec::with_capacity(LONE);
+    for _ in 0..LONE {
         let t = Instant::now();
         file.write_all(&block)?;
         file.sync_data()?;
